@@ -1,0 +1,1 @@
+"""Typer front ends: they parse and present; the library does the work."""

@@ -1,0 +1,46 @@
+"""Filesystem helpers every part needs: atomic writes and containment checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> None:
+    """Write to a temp file beside `path`, fsync, then rename: readers see old or new, never half."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        elif target.exists():
+            os.chmod(tmp, target.stat().st_mode & 0o7777)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, mode: int | None = None) -> None:
+    """JSON flavour of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, json.dumps(obj, indent=None).encode(), mode=mode)
+
+
+def is_within(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
+    """True when `path`, with symlinks resolved, lies inside `root` (also resolved)."""
+    try:
+        resolved = Path(path).resolve(strict=False)
+        base = Path(root).resolve(strict=False)
+    except (OSError, RuntimeError):  # RuntimeError: symlink loop on older Pythons
+        return False
+    return resolved == base or base in resolved.parents
