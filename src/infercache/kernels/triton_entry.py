@@ -1,0 +1,352 @@
+"""Lenient parser of one Triton cache entry directory (Triton 3.x).
+
+A Triton cache directory holds one sub-directory per compiled kernel, but also
+launcher/util modules, autotune results and leftovers of interrupted writes.
+Metadata fields drift between Triton versions, so this parser never requires a
+fixed schema: it keeps the full metadata JSON and fills what it can find.
+It never raises for bad content; anything that is not a usable kernel comes
+back as a :class:`NotAKernel` with a kind and a reason (the caller warns).
+
+Symlinks are never followed: a symlinked entry or metadata file is reported,
+not read, so a link pointing outside the cache root can never be parsed or
+deleted through.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from infercache.fsutil import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+GROUP_PREFIX = "__grp__"
+TMP_PREFIX = "tmp.pid_"
+#: Intermediate representations: rebuilt by Triton on a miss, never needed for a hit.
+IR_TYPES: frozenset[str] = frozenset({"ttir", "ttgir", "llir", "source", "glir"})
+#: Final binaries per backend.
+BINARY_TYPES: Mapping[str, str] = {"cubin": "cuda", "hsaco": "hip"}
+#: Files Triton may leave in an entry that are not part of the kernel.
+_IGNORED_FILES = frozenset({"lock"})
+#: Largest metadata/group JSON we read; bigger is not a Triton metadata file.
+_MAX_JSON_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class EntryFile:
+    """One file of an entry: `type` is the suffix after the kernel name ("ttir", "cubin", "json", "group")."""
+
+    name: str
+    type: str
+    size: int
+
+
+@dataclass(frozen=True)
+class TritonEntry:
+    """One compiled kernel as found on disk (raw numbers; presentation is the caller's)."""
+
+    key: str
+    path: Path
+    name: str
+    backend: str
+    arch: str
+    warp_size: int | None
+    num_warps: int | None
+    num_stages: int | None
+    num_ctas: int | None
+    shared: int | None
+    ptx_version: int | None
+    triton_version: str | None
+    hash: str | None
+    files: tuple[EntryFile, ...]
+    group_file: Path | None
+    metadata: Mapping[str, Any]
+    total_size: int
+    modified: float
+    #: `tmp.pid_*` leftovers inside the entry dir (interrupted writes), for `prune --garbage`.
+    leftovers: tuple[Path, ...] = field(default=())
+
+    def files_by_type(self) -> dict[str, int]:
+        """Bytes per file type, as `kernels list --format json` shows them."""
+        out: dict[str, int] = {}
+        for f in self.files:
+            out[f.type] = out.get(f.type, 0) + f.size
+        return out
+
+    @property
+    def ir_files(self) -> tuple[EntryFile, ...]:
+        """The files an IR-only prune removes."""
+        return tuple(f for f in self.files if f.type in IR_TYPES)
+
+
+@dataclass(frozen=True)
+class NotAKernel:
+    """A directory (or file) in a cache dir that is not a usable kernel entry, and why.
+
+    kind: "garbage" (tmp.pid_* leftover), "launcher" (launcher/util module), "autotune",
+    "empty", "incomplete" (no group file yet: interrupted write), "truncated" (group file
+    lists missing children), "unparsable" (corrupt/odd JSON), "unreadable" (permission
+    denied, I/O error), "symlink" (never followed), "orphan" (a stray file), "other".
+    """
+
+    path: Path
+    kind: str
+    reason: str
+    size: int = 0
+
+
+def group_children(group_json: Mapping[str, Any]) -> list[str]:
+    """Child file names of a group file, from either form Triton has written.
+
+    Triton 3.x writes ``{"child_paths": {name: absolute_path}}``; older Triton and the
+    remote cache manager write ``{"child_paths": [name, ...]}``. Names only are returned
+    (the location is always the entry directory itself).
+    """
+    children = group_json.get("child_paths") if isinstance(group_json, Mapping) else None
+    if isinstance(children, Mapping):
+        names = [str(k) for k in children.keys()]
+    elif isinstance(children, (list, tuple)):
+        names = [os.path.basename(str(c)) for c in children]
+    else:
+        return []
+    return [n for n in names if n]
+
+
+def write_group_file(group_path: Path, children: Iterable[str], base_dir: Path | None) -> None:
+    """Write a group file atomically (temp file + rename: Triton treats it as the commit marker).
+
+    With `base_dir`, children map to absolute paths under it (what Triton's loader needs).
+    With ``base_dir=None`` the portable form ``{"child_paths": {name: name}}`` is written:
+    a dict of relative names, which both the dict reader (Triton 3.x) and
+    :func:`group_children` understand; it must be rewritten with a base dir before Triton
+    can hit on it.
+    """
+    names = list(dict.fromkeys(os.path.basename(str(c)) for c in children))
+    if base_dir is None:
+        child_paths = {n: n for n in names}
+    else:
+        base = Path(base_dir)
+        child_paths = {n: str(base / n) for n in names}
+    atomic_write_json(Path(group_path), {"child_paths": child_paths})
+
+
+def _file_type(filename: str, kernel_name: str | None) -> str:
+    if filename.startswith(GROUP_PREFIX):
+        return "group"
+    if kernel_name and filename.startswith(kernel_name + "."):
+        return filename[len(kernel_name) + 1 :].lower() or "other"
+    if "." in filename:
+        return filename.rsplit(".", 1)[1].lower()
+    return "other"
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _normalise_arch(value: Any) -> str | None:
+    """CUDA arch is an int (90) in `target`, "sm90"/"sm_90a" elsewhere; HIP is "gfx942"."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return str(int(value))
+    text = str(value).strip()
+    lower = text.lower()
+    for prefix in ("sm_", "sm", "compute_"):
+        if lower.startswith(prefix) and lower[len(prefix) :][:1].isdigit():
+            return lower[len(prefix) :]
+    return text or None
+
+
+def _normalise_backend(value: Any) -> str | None:
+    if not isinstance(value, str) or not value:
+        return None
+    lower = value.lower()
+    if lower in ("rocm", "amd", "hip"):
+        return "hip"
+    if lower in ("cuda", "nvidia"):
+        return "cuda"
+    return lower
+
+
+def _read_json(path: Path) -> Any:
+    with open(path, "rb") as handle:
+        data = handle.read(_MAX_JSON_BYTES + 1)
+    if len(data) > _MAX_JSON_BYTES:
+        raise ValueError("file too large for a metadata JSON")
+    return json.loads(data)
+
+
+def parse_entry(path: Path) -> TritonEntry | NotAKernel:
+    """Classify one child of a Triton cache dir; never raises for bad content."""
+    path = Path(path)
+    try:
+        return _parse(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return NotAKernel(path, "symlink", "symbolic link loop (not followed)")
+        return NotAKernel(path, "unreadable", f"{exc.strerror or exc}")
+    except Exception as exc:  # noqa: BLE001 - the contract is: never crash on a bad entry
+        logger.debug("unexpected error parsing %s", path, exc_info=True)
+        return NotAKernel(path, "unparsable", f"{type(exc).__name__}: {exc}")
+
+
+def _parse(path: Path) -> TritonEntry | NotAKernel:
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return NotAKernel(path, "symlink", "symbolic link (not followed)")
+    if path.name.startswith(TMP_PREFIX):
+        return NotAKernel(path, "garbage", "leftover of an interrupted write", _tree_size(path))
+    if not stat.S_ISDIR(st.st_mode):
+        if path.name.endswith(".autotune.json"):
+            return NotAKernel(path, "autotune", "autotune results", st.st_size)
+        return NotAKernel(path, "orphan", "stray file in the cache dir", st.st_size)
+
+    files: list[tuple[str, os.stat_result]] = []
+    leftovers: list[Path] = []
+    links: list[str] = []
+    others: list[str] = []
+    with os.scandir(path) as it:
+        for child in it:
+            cst = child.stat(follow_symlinks=False)
+            if stat.S_ISLNK(cst.st_mode):
+                links.append(child.name)
+            elif stat.S_ISDIR(cst.st_mode):
+                if child.name.startswith(TMP_PREFIX):
+                    leftovers.append(Path(child.path))
+                else:
+                    others.append(child.name)
+            elif stat.S_ISREG(cst.st_mode):
+                files.append((child.name, cst))
+            else:
+                others.append(child.name)
+
+    if not files and not links:
+        if leftovers:
+            return NotAKernel(path, "garbage", "only leftovers of interrupted writes", _tree_size(path))
+        if others:
+            return NotAKernel(path, "other", f"no files, only sub-directories: {', '.join(sorted(others)[:3])}")
+        return NotAKernel(path, "empty", "empty directory")
+
+    names = {name for name, _ in files}
+    size_all = sum(s.st_size for _, s in files)
+    groups = sorted(n for n in names if n.startswith(GROUP_PREFIX) and n.endswith(".json"))
+    if not groups:
+        return _classify_groupless(path, names, links, size_all)
+
+    group_name = groups[0]
+    if len(groups) > 1:
+        logger.debug("%s: several group files, using %s", path, group_name)
+    meta_name = group_name[len(GROUP_PREFIX) :]
+    kernel_name = meta_name[: -len(".json")]
+    group_path = path / group_name
+    try:
+        group_json = _read_json(group_path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return NotAKernel(path, "unparsable", f"corrupt group file {group_name}: {exc}", size_all)
+    if not isinstance(group_json, Mapping) or "child_paths" not in group_json:
+        return NotAKernel(path, "unparsable", f"group file {group_name} has no child_paths", size_all)
+    children = group_children(group_json)
+    linked = sorted(c for c in children if c in links)
+    if linked or meta_name in links:
+        what = ", ".join(linked) or meta_name
+        return NotAKernel(path, "symlink", f"entry files are symbolic links (not followed): {what}", size_all)
+    missing = sorted(c for c in children if c not in names)
+    if missing:
+        return NotAKernel(path, "truncated", f"group file lists missing files: {', '.join(missing)}", size_all)
+    if meta_name not in names:
+        return NotAKernel(path, "truncated", f"metadata file {meta_name} is missing", size_all)
+
+    meta_path = path / meta_name
+    try:
+        metadata = _read_json(meta_path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return NotAKernel(path, "unparsable", f"corrupt metadata {meta_name}: {exc}", size_all)
+    if not isinstance(metadata, Mapping):
+        return NotAKernel(path, "unparsable", f"metadata {meta_name} is not a JSON object", size_all)
+
+    target = metadata.get("target") if isinstance(metadata.get("target"), Mapping) else {}
+    entry_files = tuple(
+        EntryFile(name, "json" if name == meta_name else _file_type(name, kernel_name), s.st_size)
+        for name, s in sorted(files)
+    )
+    backend = _normalise_backend(target.get("backend")) or _normalise_backend(metadata.get("backend_name"))
+    if backend is None:
+        types = {f.type for f in entry_files}
+        backend = next((b for t, b in BINARY_TYPES.items() if t in types), None)
+        if backend is None:
+            backend = "hip" if "amdgcn" in types else "cuda" if "ptx" in types else "unknown"
+    arch = _normalise_arch(target.get("arch")) or _normalise_arch(metadata.get("arch")) or "unknown"
+    warp_size = _as_int(target.get("warp_size"))
+    if warp_size is None:
+        warp_size = _as_int(metadata.get("warp_size"))
+    tv = metadata.get("triton_version")
+    digest = metadata.get("hash")
+    name = metadata.get("name") if isinstance(metadata.get("name"), str) and metadata.get("name") else kernel_name
+    meta_st = dict(files)[meta_name]
+    return TritonEntry(
+        key=path.name,
+        path=path,
+        name=name,
+        backend=backend,
+        arch=arch,
+        warp_size=warp_size,
+        num_warps=_as_int(metadata.get("num_warps")),
+        num_stages=_as_int(metadata.get("num_stages")),
+        num_ctas=_as_int(metadata.get("num_ctas")),
+        shared=_as_int(metadata.get("shared")),
+        ptx_version=_as_int(metadata.get("ptx_version")),
+        triton_version=str(tv) if tv is not None else None,
+        hash=str(digest) if digest is not None else None,
+        files=entry_files,
+        group_file=group_path,
+        metadata=metadata,
+        total_size=size_all,
+        modified=meta_st.st_mtime,
+        leftovers=tuple(sorted(leftovers)),
+    )
+
+
+def _classify_groupless(path: Path, names: set[str], links: list[str], size: int) -> NotAKernel:
+    """A directory without a group file: launcher module, autotune result, or an unfinished write."""
+    if any(n.endswith(".so") or n.endswith(".pyd") for n in names):
+        return NotAKernel(path, "launcher", "launcher/util module", size)
+    if names and all(n.endswith(".autotune.json") or n in _IGNORED_FILES for n in names):
+        return NotAKernel(path, "autotune", "autotune results", size)
+    if links and not names:
+        return NotAKernel(path, "symlink", "only symbolic links (not followed)", size)
+    if any(n.endswith(".json") for n in names):
+        return NotAKernel(path, "incomplete", "no group file (interrupted write or foreign layout)", size)
+    return NotAKernel(path, "other", "no group or metadata file", size)
+
+
+def _tree_size(path: Path) -> int:
+    """Bytes of regular files under `path`, without following symlinks."""
+    total = 0
+    for dirpath, _dirs, filenames in os.walk(path, followlinks=False):
+        for name in filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
