@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from infercache.fsutil import atomic_write_json
+from infercache.fsutil import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,14 @@ class TritonEntry:
     modified: float
     #: `tmp.pid_*` leftovers inside the entry dir (interrupted writes), for `prune --garbage`.
     leftovers: tuple[Path, ...] = field(default=())
+    #: File names the group file lists (Triton 3.9 misses when any of them is absent).
+    children: tuple[str, ...] = field(default=())
+
+    @property
+    def orphans(self) -> tuple[EntryFile, ...]:
+        """Files in the entry dir that the group file does not list (and are not the group file)."""
+        listed = set(self.children)
+        return tuple(f for f in self.files if f.type != "group" and f.name not in listed)
 
     def files_by_type(self) -> dict[str, int]:
         """Bytes per file type, as `kernels list --format json` shows them."""
@@ -119,6 +127,18 @@ def group_children(group_json: Mapping[str, Any]) -> list[str]:
     return [n for n in names if n]
 
 
+def group_file_bytes(children: Iterable[str], base_dir: Path | None) -> bytes:
+    """The exact bytes :func:`write_group_file` writes (prune plans use it to count bytes freed)."""
+    names = list(dict.fromkeys(os.path.basename(str(c)) for c in children))
+    if base_dir is None:
+        child_paths = {n: n for n in names}
+    else:
+        base = Path(base_dir)
+        child_paths = {n: str(base / n) for n in names}
+    # Same encoding as Triton's put_group: json.dumps with default separators.
+    return json.dumps({"child_paths": child_paths}).encode()
+
+
 def write_group_file(group_path: Path, children: Iterable[str], base_dir: Path | None) -> None:
     """Write a group file atomically (temp file + rename: Triton treats it as the commit marker).
 
@@ -128,13 +148,7 @@ def write_group_file(group_path: Path, children: Iterable[str], base_dir: Path |
     :func:`group_children` understand; it must be rewritten with a base dir before Triton
     can hit on it.
     """
-    names = list(dict.fromkeys(os.path.basename(str(c)) for c in children))
-    if base_dir is None:
-        child_paths = {n: n for n in names}
-    else:
-        base = Path(base_dir)
-        child_paths = {n: str(base / n) for n in names}
-    atomic_write_json(Path(group_path), {"child_paths": child_paths})
+    atomic_write_bytes(Path(group_path), group_file_bytes(children, base_dir))
 
 
 def _file_type(filename: str, kernel_name: str | None) -> str:
@@ -187,30 +201,42 @@ def _normalise_backend(value: Any) -> str | None:
     return lower
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, raw_out: list[bytes] | None = None) -> Any:
     with open(path, "rb") as handle:
         data = handle.read(_MAX_JSON_BYTES + 1)
     if len(data) > _MAX_JSON_BYTES:
         raise ValueError("file too large for a metadata JSON")
+    if raw_out is not None:
+        raw_out.append(data)
     return json.loads(data)
 
 
 def parse_entry(path: Path) -> TritonEntry | NotAKernel:
     """Classify one child of a Triton cache dir; never raises for bad content."""
+    return scan_entry(path)[0]
+
+
+def scan_entry(path: Path, st: os.stat_result | None = None) -> tuple[TritonEntry | NotAKernel, bytes | None]:
+    """:func:`parse_entry` plus the raw metadata bytes (the indexer stores them without re-encoding).
+
+    `st` is the entry's own lstat result when the caller already has it.
+    """
     path = Path(path)
+    raw: list[bytes] = []
     try:
-        return _parse(path)
+        return _parse(path, st, raw), (raw[0] if raw else None)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            return NotAKernel(path, "symlink", "symbolic link loop (not followed)")
-        return NotAKernel(path, "unreadable", f"{exc.strerror or exc}")
+            return NotAKernel(path, "symlink", "symbolic link loop (not followed)"), None
+        return NotAKernel(path, "unreadable", f"{exc.strerror or exc}"), None
     except Exception as exc:  # noqa: BLE001 - the contract is: never crash on a bad entry
         logger.debug("unexpected error parsing %s", path, exc_info=True)
-        return NotAKernel(path, "unparsable", f"{type(exc).__name__}: {exc}")
+        return NotAKernel(path, "unparsable", f"{type(exc).__name__}: {exc}"), None
 
 
-def _parse(path: Path) -> TritonEntry | NotAKernel:
-    st = os.lstat(path)
+def _parse(path: Path, st: os.stat_result | None, raw_out: list[bytes]) -> TritonEntry | NotAKernel:
+    if st is None:
+        st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
         return NotAKernel(path, "symlink", "symbolic link (not followed)")
     if path.name.startswith(TMP_PREFIX):
@@ -277,7 +303,7 @@ def _parse(path: Path) -> TritonEntry | NotAKernel:
 
     meta_path = path / meta_name
     try:
-        metadata = _read_json(meta_path)
+        metadata = _read_json(meta_path, raw_out)
     except (ValueError, UnicodeDecodeError) as exc:
         return NotAKernel(path, "unparsable", f"corrupt metadata {meta_name}: {exc}", size_all)
     if not isinstance(metadata, Mapping):
@@ -322,6 +348,7 @@ def _parse(path: Path) -> TritonEntry | NotAKernel:
         total_size=size_all,
         modified=meta_st.st_mtime,
         leftovers=tuple(sorted(leftovers)),
+        children=tuple(children),
     )
 
 
