@@ -182,3 +182,26 @@ def skopeo(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     if check and result.returncode != 0:
         raise AssertionError(f"skopeo {' '.join(args)} failed: {result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session")
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, object]]:
+    """A real registry in bearer-token mode, with tests/registry/token_server.py as its auth service."""
+    from tests.registry.token_server import ISSUER, SERVICE, TokenServer
+
+    openssl = require_tool("openssl")
+    root = tmp_path_factory.mktemp("token-registry")
+    cert, key = root / "token-cert.pem", root / "token-key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=token-issuer",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    tokens = TokenServer(openssl, cert, key, USER, PASSWORD)
+    extra = {"auth": {"token": {"realm": tokens.realm, "service": SERVICE, "issuer": ISSUER,
+                                "rootcertbundle": str(cert)}}}
+    try:
+        for reg in _start(root, extra):
+            yield reg, tokens
+    finally:
+        tokens.close()

@@ -222,6 +222,7 @@ class RegistryAuth:
         self._credentials: Credentials | None = None
         self._looked_up = False
         self._headers: dict[str, str] = {}  # scope → Authorization value
+        self._unproven: set[str] = set()  # scopes whose token has not yet been accepted
         self.used_credentials = False
 
     def __repr__(self) -> str:
@@ -239,6 +240,10 @@ class RegistryAuth:
         value = self._headers.get(scope) or self._headers.get("*")
         return {"Authorization": value} if value else {}
 
+    def accepted(self, scope: str) -> None:
+        """The registry took our header for `scope`: a later 401 means expiry, not refusal."""
+        self._unproven.discard(scope)
+
     def answer(self, response: "requests.Response", scope: str) -> dict[str, str]:
         """Turn a 401 into the header to retry with; raise when we cannot or were refused."""
         raw = response.headers.get("WWW-Authenticate", "")
@@ -255,23 +260,27 @@ class RegistryAuth:
             self.used_credentials = True
             return self.header(scope)
         if challenge.scheme == "bearer":
-            token_scope = challenge.scope or scope
-            if scope in self._headers:  # a token for this scope was already refused
+            # Ask for what we will need (push includes pull) and what the challenge names.
+            scopes = [scope] + ([challenge.scope] if challenge.scope and challenge.scope != scope else [])
+            if scope in self._unproven:  # a token fetched just now was refused
                 raise AuthenticationError(self._refused_message(response))
-            self._headers[scope] = f"Bearer {self._fetch_token(challenge, token_scope)}"
+            # No token yet, or one that worked before and has expired: fetch (again).
+            self._headers[scope] = f"Bearer {self._fetch_token(challenge, scopes)}"
+            self._unproven.add(scope)
             return self.header(scope)
         raise AuthenticationError(f"{self._registry} asks for unsupported authentication scheme {challenge.scheme!r}")
 
-    def _fetch_token(self, challenge: Challenge, scope: str) -> str:
+    def _fetch_token(self, challenge: Challenge, scopes: list[str]) -> str:
         if not challenge.realm:
             raise AuthenticationError(f"{self._registry}: bearer challenge without a realm")
-        params = {k: v for k, v in (("service", challenge.service), ("scope", scope)) if v}
+        params = [("service", challenge.service)] if challenge.service else []
+        params += [("scope", s) for s in scopes]
         headers = {"Accept": "application/json"}
         creds = self.credentials
         if creds is not None:
             headers["Authorization"] = f"Basic {creds.basic_token()}"
             self.used_credentials = True
-        log.debug("requesting a bearer token from %s for scope %s", challenge.realm, scope)
+        log.debug("requesting a bearer token from %s for %s", challenge.realm, " ".join(scopes))
         import requests
 
         try:

@@ -264,6 +264,7 @@ class RegistryClient:
                 reply.close()
                 self._auth.answer(reply, scope)
                 continue
+            self._auth.accepted(scope)
             if reply.status_code in RETRY_STATUSES:
                 retry_after = reply.headers.get("Retry-After")
                 reply.close()
