@@ -1,0 +1,476 @@
+"""Incremental indexing of kernel caches into the catalog.
+
+Why incremental: big caches hold tens of thousands of entries and MCM re-read
+every one of them on each run (126 s for 10,000). Triton writes every file of
+an entry through a rename into the entry directory, so the directory's own
+stat (inode, mtime, size) changes whenever its content does: one `lstat` per
+entry decides whether it must be parsed again. Rows whose directories vanished
+are removed. Parsing happens outside the write transaction and rows are
+written in batches, so a concurrent `index` or `prune` only waits briefly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from infercache.errors import BadInputError
+from infercache.kernels.catalog import Catalog
+from infercache.kernels.triton_entry import NotAKernel, TritonEntry, scan_entry
+
+logger = logging.getLogger(__name__)
+
+#: Kinds of non-kernels that deserve a warning (the rest is normal cache content).
+PROBLEM_KINDS = frozenset({"unparsable", "truncated", "unreadable", "symlink"})
+#: Entries written per transaction: short enough that other writers wait only briefly.
+BATCH = 500
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class SkipNote:
+    """Something that was not indexed as a kernel, and why."""
+
+    path: Path
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class IndexSummary:
+    """What one `index` run did (counts), like `hf cache scan`'s closing line."""
+
+    roots: tuple[Path, ...]
+    modes: tuple[str, ...]
+    new: int
+    updated: int
+    unchanged: int
+    removed: int
+    skipped: Mapping[str, int]
+    problems: tuple[SkipNote, ...]
+    artifacts: int
+    entries: int
+    total_size: int
+    elapsed: float
+    cache_dirs: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def line(self) -> str:
+        """One human line: '24 kernels (12.3 MiB): 24 new, 0 updated, ...'."""
+        from infercache.units import format_size
+
+        skipped = ", ".join(f"{n} {k}" for k, n in sorted(self.skipped.items()))
+        text = (
+            f"{self.entries} kernels ({format_size(self.total_size)}) in {len(self.roots)} cache dir(s): "
+            f"{self.new} new, {self.updated} updated, {self.unchanged} unchanged, {self.removed} removed, "
+            f"{self.skipped_total} skipped" + (f" ({skipped})" if skipped else "")
+        )
+        if self.artifacts:
+            text += f", {self.artifacts} vLLM artifacts"
+        return text + f" in {self.elapsed:.2f}s"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "roots": [str(r) for r in self.roots],
+            "modes": list(self.modes),
+            "entries": self.entries,
+            "total_size": self.total_size,
+            "new": self.new,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
+            "removed": self.removed,
+            "skipped": dict(self.skipped),
+            "problems": [{"path": str(p.path), "kind": p.kind, "reason": p.reason} for p in self.problems],
+            "artifacts": self.artifacts,
+            "elapsed_s": round(self.elapsed, 4),
+        }
+
+
+def signature(st: os.stat_result) -> str:
+    """What changes when an entry directory changes (renames into it bump its mtime)."""
+    return f"{stat.S_IFMT(st.st_mode):o}:{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def dedup_key(name: str, raw: bytes | None, metadata: Mapping[str, Any], digest: str | None) -> str:
+    """Equal for entries whose metadata is identical apart from `hash` (prune --deduplicate)."""
+    if raw is not None and digest:
+        body = raw.replace(digest.encode(), b"")
+    else:
+        body = json.dumps({k: v for k, v in metadata.items() if k != "hash"}, sort_keys=True).encode()
+    return name + ":" + hashlib.sha1(body).hexdigest()
+
+
+def resolve_roots(cache_dirs: Sequence[str | os.PathLike[str]] | None, mode: str) -> list[Path]:
+    """The cache dirs to index: the given ones (must exist), else the mode's defaults."""
+    from infercache.kernels import discovery
+
+    if cache_dirs:
+        roots = []
+        for d in cache_dirs:
+            p = Path(d).expanduser()
+            if not p.exists():
+                raise BadInputError(f"cache directory does not exist: {p}")
+            if not p.is_dir():
+                raise BadInputError(f"not a directory: {p}")
+            if not os.access(p, os.R_OK | os.X_OK):
+                raise BadInputError(f"cache directory is not readable: {p}")
+            roots.append(p.resolve())
+        return list(dict.fromkeys(roots))
+    defaults = discovery.default_cache_dirs(mode)
+    found = [p for p in defaults if p.is_dir()]
+    if not found:
+        where = ", ".join(str(p) for p in defaults) or "the default locations"
+        raise BadInputError(f"no cache directory found (looked in {where}); pass --cache-dir")
+    return [p.resolve() for p in found]
+
+
+class _Run:
+    """Mutable counters of one run (the summary is frozen at the end)."""
+
+    def __init__(self) -> None:
+        self.new = self.updated = self.unchanged = self.removed = self.artifacts = 0
+        self.skipped: dict[str, int] = {}
+        self.problems: list[SkipNote] = []
+
+    def skip(self, path: Path, kind: str, reason: str) -> None:
+        self.skipped[kind] = self.skipped.get(kind, 0) + 1
+        if kind in PROBLEM_KINDS:
+            self.problems.append(SkipNote(path, kind, reason))
+            logger.warning("skipped %s: %s (%s)", path, reason, kind)
+        else:
+            logger.debug("skipped %s: %s (%s)", path, reason, kind)
+
+
+def index(
+    catalog: Catalog,
+    cache_dirs: Sequence[str | os.PathLike[str]] | None = None,
+    mode: str = "auto",
+    progress: ProgressCallback | None = None,
+    rescan: bool = False,
+) -> IndexSummary:
+    """Bring the catalog in line with the given cache dirs (or the defaults); incremental unless `rescan`."""
+    from infercache.kernels import discovery
+
+    started = time.perf_counter()
+    if mode not in ("auto", *discovery.MODES):
+        raise BadInputError(f"unknown cache mode {mode!r} (expected auto, {', '.join(discovery.MODES)})")
+    roots = resolve_roots(cache_dirs, mode)
+    run = _Run()
+    modes: list[str] = []
+    # 1. Discover the Triton cache dirs and list their children (cheap: one lstat each).
+    jobs: list[tuple[Any, list[tuple[str, os.stat_result]]]] = []
+    artifacts: list[Any] = []
+    root_modes: dict[Path, str] = {}
+    for root in roots:
+        root_mode = discovery.detect_mode(root) if mode == "auto" else mode
+        root_modes[root] = root_mode
+        modes.append(root_mode)
+        for item in discovery.discover(root, root_mode):
+            if isinstance(item, discovery.TritonCacheDir):
+                jobs.append((item, _list_children(item.path)))
+            else:
+                artifacts.append(item)
+    total = sum(len(children) for _, children in jobs)
+    done = 0
+    if progress:
+        progress(0, total)
+    # 2. Per cache dir: compare signatures, parse what changed, write in batches.
+    for tcd, children in jobs:
+        done = _index_dir(catalog, tcd, children, run, rescan, progress, done, total)
+    # 3. Artifacts, vanished cache dirs, roots.
+    now = time.time()
+    with catalog.transaction() as conn:
+        for root in roots:
+            live_dirs = {str(t.path) for t, _ in jobs if Path(t.cache_root) == root}
+            for row in conn.execute("SELECT DISTINCT parent FROM entries WHERE cache_root = ?", (str(root),)).fetchall():
+                if row["parent"] not in live_dirs:
+                    run.removed += conn.execute("DELETE FROM entries WHERE parent = ?", (row["parent"],)).rowcount
+            for row in conn.execute("SELECT DISTINCT parent FROM skipped WHERE cache_root = ?", (str(root),)).fetchall():
+                if row["parent"] not in live_dirs:
+                    conn.execute("DELETE FROM skipped WHERE parent = ?", (row["parent"],))
+            conn.execute("DELETE FROM artifacts WHERE cache_root = ?", (str(root),))
+            conn.execute(
+                "INSERT INTO roots(path, mode, indexed_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(path) DO UPDATE SET mode = excluded.mode, indexed_at = excluded.indexed_at",
+                (str(root), root_modes[root], now),
+            )
+        conn.executemany(
+            "INSERT OR REPLACE INTO artifacts(path, cache_root, kind, size, modified, vllm_hash, vllm_rank, "
+            "vllm_prefix, indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (str(a.path), str(a.cache_root), a.kind, a.size, a.modified, a.vllm.hash, a.vllm.rank, a.vllm.prefix, now)
+                for a in artifacts
+            ],
+        )
+        run.artifacts = len(artifacts)
+        placeholders = ",".join("?" * len(roots))
+        count, size = conn.execute(
+            f"SELECT count(*), coalesce(sum(total_size), 0) FROM entries WHERE cache_root IN ({placeholders})",
+            [str(r) for r in roots],
+        ).fetchone()
+    if progress:
+        progress(total, total)
+    summary = IndexSummary(
+        roots=tuple(roots),
+        modes=tuple(modes),
+        new=run.new,
+        updated=run.updated,
+        unchanged=run.unchanged,
+        removed=run.removed,
+        skipped=dict(run.skipped),
+        problems=tuple(run.problems),
+        artifacts=run.artifacts,
+        entries=count,
+        total_size=size,
+        elapsed=time.perf_counter() - started,
+        cache_dirs=len(jobs),
+    )
+    logger.info("%s", summary.line())
+    return summary
+
+
+def _list_children(path: Path) -> list[tuple[str, os.stat_result]]:
+    try:
+        with os.scandir(path) as it:
+            out = []
+            for child in it:
+                try:
+                    out.append((child.name, child.stat(follow_symlinks=False)))
+                except OSError as exc:
+                    logger.warning("cannot stat %s: %s", child.path, exc)
+            return out
+    except OSError as exc:
+        logger.warning("cannot list %s: %s", path, exc)
+        return []
+
+
+def _index_dir(
+    catalog: Catalog,
+    tcd: Any,
+    children: list[tuple[str, os.stat_result]],
+    run: _Run,
+    rescan: bool,
+    progress: ProgressCallback | None,
+    done: int,
+    total: int,
+) -> int:
+    parent = str(tcd.path)
+    conn = catalog.conn
+    known = {r[0]: r[1] for r in conn.execute("SELECT path, signature FROM entries WHERE parent = ?", (parent,))}
+    known_skips = {
+        r[0]: (r[1], r[2], r[3])
+        for r in conn.execute(
+            "SELECT path, signature, kind, reason FROM skipped WHERE parent = ? AND owner IS NULL", (parent,)
+        )
+    }
+    seen: set[str] = set()
+    pending: list[tuple[TritonEntry | NotAKernel, bytes | None, str, os.stat_result]] = []
+    for name, st in children:
+        path = os.path.join(parent, name)
+        seen.add(path)
+        sig = signature(st)
+        if not rescan:
+            if known.get(path) == sig:
+                run.unchanged += 1
+                done += 1
+                continue
+            prior = known_skips.get(path)
+            if prior is not None and prior[0] == sig:
+                run.skip(Path(path), prior[1], prior[2])
+                done += 1
+                continue
+        result, raw = scan_entry(Path(path), st)
+        pending.append((result, raw, sig, st))
+        if len(pending) >= BATCH:
+            _write(catalog, tcd, pending, known, run)
+            done += len(pending)
+            pending = []
+            if progress:
+                progress(done, total)
+    if pending:
+        _write(catalog, tcd, pending, known, run)
+        done += len(pending)
+    gone_entries = [p for p in known if p not in seen]
+    gone_skips = [p for p in known_skips if p not in seen]
+    if gone_entries or gone_skips:
+        with catalog.transaction() as c:
+            for p in gone_entries:
+                run.removed += c.execute("DELETE FROM entries WHERE path = ?", (p,)).rowcount
+                c.execute("DELETE FROM skipped WHERE owner = ?", (p,))
+            for p in gone_skips:
+                c.execute("DELETE FROM skipped WHERE path = ?", (p,))
+    if progress:
+        progress(done, total)
+    return done
+
+
+_ENTRY_COLUMNS = (
+    "path, parent, key, cache_root, mode, name, backend, arch, warp_size, num_warps, num_stages, num_ctas, "
+    "shared, maxnreg, ptx_version, enable_fp_fusion, triton_version, hash, total_size, modified, files_json, "
+    "group_file, dedup_key, vllm_hash, vllm_rank, vllm_prefix, signature, indexed_at, metadata"
+)
+_UPSERT = (
+    f"INSERT INTO entries({_ENTRY_COLUMNS}) VALUES ({','.join('?' * 29)}) ON CONFLICT(path) DO UPDATE SET "
+    + ", ".join(f"{c.strip()} = excluded.{c.strip()}" for c in _ENTRY_COLUMNS.split(",")[1:])
+    + " RETURNING id"
+)
+
+
+def entry_row(entry: TritonEntry, raw: bytes | None, tcd: Any, sig: str, now: float) -> tuple[Any, ...]:
+    """The `entries` row of a parsed entry (column order of `_ENTRY_COLUMNS`)."""
+    md = entry.metadata
+    maxnreg = md.get("maxnreg")
+    fp_fusion = md.get("enable_fp_fusion")
+    vllm = tcd.vllm
+    meta_text = raw.decode("utf-8", "replace") if raw is not None else json.dumps(md)
+    return (
+        str(entry.path),
+        str(tcd.path),
+        entry.key,
+        str(tcd.cache_root),
+        tcd.mode,
+        entry.name,
+        entry.backend,
+        entry.arch,
+        entry.warp_size,
+        entry.num_warps,
+        entry.num_stages,
+        entry.num_ctas,
+        entry.shared,
+        maxnreg if isinstance(maxnreg, int) else None,
+        entry.ptx_version,
+        int(fp_fusion) if isinstance(fp_fusion, bool) else None,
+        entry.triton_version,
+        entry.hash,
+        entry.total_size,
+        entry.modified,
+        json.dumps(entry.files_by_type()),
+        str(entry.group_file) if entry.group_file else None,
+        dedup_key(entry.name, raw, md, entry.hash),
+        vllm.hash if vllm else None,
+        vllm.rank if vllm else None,
+        vllm.prefix if vllm else None,
+        sig,
+        now,
+        meta_text,
+    )
+
+
+def _write(
+    catalog: Catalog,
+    tcd: Any,
+    pending: Iterable[tuple[TritonEntry | NotAKernel, bytes | None, str, os.stat_result]],
+    known: Mapping[str, str],
+    run: _Run,
+) -> None:
+    now = time.time()
+    parent = str(tcd.path)
+    root = str(tcd.cache_root)
+    with catalog.transaction() as conn:
+        for result, raw, sig, st in pending:
+            path = str(result.path)
+            if isinstance(result, TritonEntry):
+                (entry_id,) = conn.execute(_UPSERT, entry_row(result, raw, tcd, sig, now)).fetchone()
+                if path in known:
+                    run.updated += 1
+                    conn.execute("DELETE FROM files WHERE entry_id = ?", (entry_id,))
+                else:
+                    run.new += 1
+                conn.executemany(
+                    "INSERT INTO files(entry_id, name, type, size) VALUES (?, ?, ?, ?)",
+                    [(entry_id, f.name, f.type, f.size) for f in result.files],
+                )
+                conn.execute("DELETE FROM skipped WHERE path = ? OR owner = ?", (path, path))
+                extras = [
+                    (str(p), parent, root, "garbage", "leftover of an interrupted write", _size_of(p), _mtime(p), "", path)
+                    for p in result.leftovers
+                ] + [
+                    (os.path.join(path, f.name), parent, root, "orphan", "file not listed in the group file",
+                     f.size, _mtime(Path(path) / f.name), "", path)
+                    for f in result.orphans
+                ]
+                if extras:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO skipped(path, parent, cache_root, kind, reason, size, modified, "
+                        "signature, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        extras,
+                    )
+            else:
+                if path in known:
+                    run.removed += conn.execute("DELETE FROM entries WHERE path = ?", (path,)).rowcount
+                conn.execute("DELETE FROM skipped WHERE owner = ?", (path,))
+                conn.execute(
+                    "INSERT OR REPLACE INTO skipped(path, parent, cache_root, kind, reason, size, modified, "
+                    "signature, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                    (path, parent, root, result.kind, result.reason, result.size, st.st_mtime, sig),
+                )
+                run.skip(result.path, result.kind, result.reason)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _size_of(path: Path) -> int:
+    from infercache.kernels.triton_entry import _tree_size
+
+    return _tree_size(path)
+
+
+def refresh_paths(catalog: Catalog, entry_paths: Iterable[Path]) -> None:
+    """Re-read (or drop) specific entries after we changed them (prune), keeping their cache dir info."""
+    conn = catalog.conn
+    for p in entry_paths:
+        path = str(p)
+        row = conn.execute(
+            "SELECT parent, cache_root, mode, vllm_hash, vllm_rank, vllm_prefix FROM entries WHERE path = ?", (path,)
+        ).fetchone()
+        if row is None:
+            continue
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            with catalog.transaction() as c:
+                c.execute("DELETE FROM entries WHERE path = ?", (path,))
+                c.execute("DELETE FROM skipped WHERE path = ? OR owner = ?", (path, path))
+            continue
+        tcd = _CacheDirInfo.from_row(row)
+        result, raw = scan_entry(Path(path), st)
+        _write(catalog, tcd, [(result, raw, signature(st), st)], {path: ""}, _Run())
+
+
+@dataclass(frozen=True)
+class _VllmInfo:
+    hash: str
+    rank: str
+    prefix: str | None
+
+
+@dataclass(frozen=True)
+class _CacheDirInfo:
+    """The cache-dir facts of a catalog row (what discovery had said), for re-reading one entry."""
+
+    path: Path
+    mode: str
+    cache_root: Path
+    vllm: _VllmInfo | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> "_CacheDirInfo":
+        vllm = _VllmInfo(row["vllm_hash"], row["vllm_rank"], row["vllm_prefix"]) if row["vllm_hash"] is not None else None
+        return cls(Path(row["parent"]), row["mode"], Path(row["cache_root"]), vllm)

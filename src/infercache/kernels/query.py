@@ -1,0 +1,300 @@
+"""Catalog queries behind `kernels list` and `prune`: filters, sorting, limits.
+
+Filters are validated up front (bad backend, duration or sort field →
+BadInputError naming the value) and compiled to one SQL statement over indexed
+columns, so a query over 10,000 kernels takes milliseconds. Fixes MCM's
+defects: `rocm` is an alias of `hip`, any duration unit works, and a zero
+duration (`--older-than 0d`) is a real filter, not "no filter".
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from infercache.errors import BadInputError
+from infercache.kernels.catalog import Catalog
+from infercache.units import parse_duration
+
+BACKENDS = {"cuda": "cuda", "hip": "hip", "rocm": "hip", "amd": "hip", "nvidia": "cuda"}
+MODES = ("auto", "triton", "vllm", "inductor")
+
+#: Sort field (CLI name) → SQL expression.
+SORT_FIELDS: Mapping[str, str] = {
+    "name": "e.name",
+    "key": "e.key",
+    "backend": "e.backend",
+    "arch": "e.arch",
+    "size": "e.total_size",
+    "total_size": "e.total_size",
+    "modified": "e.modified",
+    "age": "e.modified",
+    "hits": "coalesce(u.hits, 0)",
+    "misses": "coalesce(u.misses, 0)",
+    "last_access": "u.last_access",
+    "num_warps": "e.num_warps",
+    "warps": "e.num_warps",
+    "num_stages": "e.num_stages",
+    "triton_version": "e.triton_version",
+    "version": "e.triton_version",
+    "mode": "e.mode",
+    "path": "e.path",
+}
+
+
+def normalise_backend(value: str | None) -> str | None:
+    """'cuda' | 'hip' from user input ('rocm' is 'hip'); BadInputError otherwise."""
+    if value is None or value == "":
+        return None
+    backend = BACKENDS.get(value.strip().lower())
+    if backend is None:
+        raise BadInputError(f"unknown backend {value!r} (expected cuda, hip or rocm)")
+    return backend
+
+
+def normalise_arch(value: str | None) -> str | None:
+    """'80', 'sm80', 'sm_80' → '80'; 'gfx90a' stays; matches how entries are stored."""
+    if value is None or value.strip() == "":
+        return None
+    text = value.strip().lower()
+    for prefix in ("sm_", "sm"):
+        if text.startswith(prefix) and text[len(prefix) :][:1].isdigit():
+            return text[len(prefix) :]
+    return text
+
+
+@dataclass(frozen=True)
+class KernelFilter:
+    """Which catalog entries a command applies to; None means "no condition"."""
+
+    name: str | None = None
+    name_like: str | None = None
+    backend: str | None = None
+    arch: str | None = None
+    older_than: float | None = None  # seconds
+    younger_than: float | None = None
+    hits_lower: int | None = None  # hits < N
+    hits_higher: int | None = None  # hits > N
+    cache_dirs: tuple[Path, ...] = ()
+    mode: str | None = None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        name: str | None = None,
+        name_like: str | None = None,
+        backend: str | None = None,
+        arch: str | None = None,
+        older_than: str | float | None = None,
+        younger_than: str | float | None = None,
+        hits_lower: int | None = None,
+        hits_higher: int | None = None,
+        cache_dirs: Sequence[str | os.PathLike[str]] = (),
+        mode: str | None = None,
+    ) -> "KernelFilter":
+        """Validate user input (strings from the CLI) into a filter."""
+        if mode is not None and mode not in MODES:
+            raise BadInputError(f"unknown cache mode {mode!r} (expected one of {', '.join(MODES)})")
+        for label, n in (("--cache-hit-lower", hits_lower), ("--cache-hit-higher", hits_higher)):
+            if n is not None and n < 0:
+                raise BadInputError(f"{label} must not be negative: {n}")
+        dirs = []
+        for d in cache_dirs:
+            p = Path(d).expanduser()
+            if not p.is_dir():
+                raise BadInputError(f"cache directory does not exist: {p}")
+            dirs.append(p.resolve())
+        return cls(
+            name=name or None,
+            name_like=name_like or None,
+            backend=normalise_backend(backend),
+            arch=normalise_arch(arch),
+            older_than=None if older_than is None else parse_duration(older_than),
+            younger_than=None if younger_than is None else parse_duration(younger_than),
+            hits_lower=hits_lower,
+            hits_higher=hits_higher,
+            cache_dirs=tuple(dirs),
+            mode=None if mode in (None, "auto") else mode,
+        )
+
+    def where(self, now: float | None = None) -> tuple[str, list[Any]]:
+        """SQL condition (over `entries e LEFT JOIN usage u`) and its parameters."""
+        now = time.time() if now is None else now
+        clauses: list[str] = []
+        params: list[Any] = []
+        if self.name is not None:
+            clauses.append("e.name = ?")
+            params.append(self.name)
+        if self.name_like is not None:
+            clauses.append("e.name GLOB ?")
+            params.append(self.name_like)
+        if self.backend is not None:
+            clauses.append("e.backend = ?")
+            params.append(self.backend)
+        if self.arch is not None:
+            clauses.append("lower(e.arch) = ?")
+            params.append(self.arch)
+        if self.older_than is not None:
+            clauses.append("e.modified < ?")
+            params.append(now - self.older_than)
+        if self.younger_than is not None:
+            clauses.append("e.modified > ?")
+            params.append(now - self.younger_than)
+        if self.hits_lower is not None:
+            clauses.append("coalesce(u.hits, 0) < ?")
+            params.append(self.hits_lower)
+        if self.hits_higher is not None:
+            clauses.append("coalesce(u.hits, 0) > ?")
+            params.append(self.hits_higher)
+        if self.cache_dirs:
+            ors = []
+            for d in self.cache_dirs:
+                prefix = str(d).rstrip("/") + "/"
+                ors.append("(e.cache_root = ? OR substr(e.path, 1, ?) = ?)")
+                params.extend([str(d), len(prefix), prefix])
+            clauses.append("(" + " OR ".join(ors) + ")")
+        if self.mode is not None:
+            clauses.append("e.mode = ?")
+            params.append(self.mode)
+        return (" AND ".join(clauses) or "1"), params
+
+    def matches_name(self, name: str) -> bool:
+        """Python-side twin of the name conditions (used by tests and non-SQL callers)."""
+        if self.name is not None and name != self.name:
+            return False
+        return self.name_like is None or fnmatch.fnmatchcase(name, self.name_like)
+
+
+def parse_sort(spec: str | None) -> tuple[str, bool]:
+    """'size:desc' → ('e.total_size', True); BadInputError for unknown fields or orders."""
+    if not spec:
+        return SORT_FIELDS["name"], False
+    field, _, order = spec.partition(":")
+    field = field.strip().lower()
+    if field not in SORT_FIELDS:
+        raise BadInputError(f"unknown sort field {field!r} (expected one of {', '.join(sorted(SORT_FIELDS))})")
+    order = order.strip().lower() or "asc"
+    if order not in ("asc", "desc"):
+        raise BadInputError(f"unknown sort order {order!r} in {spec!r} (expected asc or desc)")
+    return SORT_FIELDS[field], order == "desc"
+
+
+def iso(ts: float | None) -> str | None:
+    """ISO-8601 UTC with a Z (None stays None)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class KernelRecord:
+    """One catalog row as `list` shows it (raw numbers; `to_json` gives the spec's shape)."""
+
+    id: int
+    key: str
+    name: str
+    backend: str
+    arch: str
+    warp_size: int | None
+    num_warps: int | None
+    num_stages: int | None
+    num_ctas: int | None
+    shared: int | None
+    ptx_version: int | None
+    triton_version: str | None
+    hash: str | None
+    mode: str
+    path: Path
+    cache_root: Path
+    total_size: int
+    files: Mapping[str, int]
+    modified: float
+    hits: int
+    misses: int
+    last_access: float | None
+    vllm: Mapping[str, str | None] | None
+    group_file: Path | None
+    dedup_key: str
+
+    @property
+    def last_used(self) -> float:
+        """Last access when tracked, else modification time (LRU order for --max-size)."""
+        return self.last_access if self.last_access is not None else self.modified
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "name": self.name,
+            "backend": self.backend,
+            "arch": self.arch,
+            "warp_size": self.warp_size,
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+            "num_ctas": self.num_ctas,
+            "shared": self.shared,
+            "ptx_version": self.ptx_version,
+            "triton_version": self.triton_version,
+            "hash": self.hash,
+            "mode": self.mode,
+            "path": str(self.path),
+            "cache_root": str(self.cache_root),
+            "total_size": self.total_size,
+            "files": dict(self.files),
+            "modified": iso(self.modified),
+            "hits": self.hits,
+            "misses": self.misses,
+            "last_access": iso(self.last_access),
+            "vllm": dict(self.vllm) if self.vllm is not None else None,
+        }
+
+
+_SELECT = (
+    "SELECT e.id, e.key, e.name, e.backend, e.arch, e.warp_size, e.num_warps, e.num_stages, e.num_ctas, "
+    "e.shared, e.ptx_version, e.triton_version, e.hash, e.mode, e.path, e.cache_root, e.total_size, "
+    "e.files_json, e.modified, coalesce(u.hits, 0), coalesce(u.misses, 0), u.last_access, "
+    "e.vllm_hash, e.vllm_rank, e.vllm_prefix, e.group_file, e.dedup_key "
+    "FROM entries e LEFT JOIN usage u ON u.key = e.key"
+)
+
+
+def _record(r: Sequence[Any]) -> KernelRecord:
+    vllm = {"hash": r[22], "rank": r[23], "prefix": r[24]} if r[22] is not None else None
+    return KernelRecord(
+        r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13],
+        Path(r[14]), Path(r[15]), r[16], json.loads(r[17]), r[18], r[19], r[20], r[21], vllm,
+        Path(r[25]) if r[25] else None, r[26],
+    )
+
+
+def query(
+    catalog: Catalog,
+    flt: KernelFilter | None = None,
+    sort: str | None = None,
+    limit: int | None = None,
+    now: float | None = None,
+) -> list[KernelRecord]:
+    """Entries matching `flt`, sorted (`FIELD[:asc|desc]`, default name) and limited."""
+    flt = flt or KernelFilter()
+    if limit is not None and limit < 0:
+        raise BadInputError(f"--limit must not be negative: {limit}")
+    expr, desc = parse_sort(sort)
+    where, params = flt.where(now)
+    direction = "DESC" if desc else "ASC"
+    sql = f"{_SELECT} WHERE {where} ORDER BY {expr} {direction} NULLS LAST, e.path ASC"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params = [*params, limit]
+    return [_record(r) for r in catalog.conn.execute(sql, params)]
+
+
+def metadata_of(catalog: Catalog, entry_id: int) -> dict[str, Any]:
+    """The full metadata JSON of one entry (kept out of `query` for speed)."""
+    row = catalog.conn.execute("SELECT metadata FROM entries WHERE id = ?", (entry_id,)).fetchone()
+    return json.loads(row[0]) if row else {}

@@ -1,0 +1,118 @@
+"""`kernels stats`: what the catalog holds, grouped, plus hit counters (like `ccache -s`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from infercache.kernels.catalog import Catalog
+from infercache.kernels.query import KernelFilter
+from infercache.kernels.triton_entry import IR_TYPES
+
+
+@dataclass(frozen=True)
+class Group:
+    """Entries and bytes of one group (a backend, an arch...)."""
+
+    entries: int
+    total_size: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"entries": self.entries, "total_size": self.total_size}
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    entries: int
+    total_size: int
+    by_backend: Mapping[str, Group]
+    by_arch: Mapping[str, Group]
+    by_triton_version: Mapping[str, Group]
+    by_mode: Mapping[str, Group]
+    by_file_type: Mapping[str, int]
+    reclaimable_ir_bytes: int
+    hits: int
+    misses: int
+    cache_dirs: tuple[str, ...]
+    skipped: Mapping[str, Group]
+    artifacts: Group
+
+    @property
+    def hit_rate(self) -> float | None:
+        total = self.hits + self.misses
+        return self.hits / total if total else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "entries": self.entries,
+            "total_size": self.total_size,
+            "by_backend": {k: v.to_json() for k, v in self.by_backend.items()},
+            "by_arch": {k: v.to_json() for k, v in self.by_arch.items()},
+            "by_triton_version": {k: v.to_json() for k, v in self.by_triton_version.items()},
+            "by_mode": {k: v.to_json() for k, v in self.by_mode.items()},
+            "by_file_type": dict(self.by_file_type),
+            "reclaimable_ir_bytes": self.reclaimable_ir_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": self.hit_rate,
+            "cache_dirs": list(self.cache_dirs),
+            "skipped": {k: v.to_json() for k, v in self.skipped.items()},
+            "artifacts": self.artifacts.to_json(),
+        }
+
+
+def compute_stats(catalog: Catalog, flt: KernelFilter | None = None) -> CacheStats:
+    """Aggregate the catalog (optionally restricted by `flt`, e.g. to one cache dir) in SQL."""
+    flt = flt or KernelFilter()
+    where, params = flt.where()
+    base = f"FROM entries e LEFT JOIN usage u ON u.key = e.key WHERE {where}"
+    conn = catalog.conn
+
+    def grouped(column: str) -> dict[str, Group]:
+        rows = conn.execute(
+            f"SELECT coalesce({column}, 'unknown'), count(*), coalesce(sum(e.total_size), 0) {base} "
+            f"GROUP BY 1 ORDER BY 3 DESC, 1",
+            params,
+        )
+        return {str(r[0]): Group(r[1], r[2]) for r in rows}
+
+    entries, total, hits, misses = conn.execute(
+        f"SELECT count(*), coalesce(sum(e.total_size), 0), coalesce(sum(u.hits), 0), coalesce(sum(u.misses), 0) {base}",
+        params,
+    ).fetchone()
+    by_file_type = {
+        r[0]: r[1]
+        for r in conn.execute(
+            f"SELECT f.type, sum(f.size) FROM files f WHERE f.entry_id IN (SELECT e.id {base}) GROUP BY 1 ORDER BY 2 DESC",
+            params,
+        )
+    }
+    roots = tuple(r[0] for r in conn.execute(f"SELECT DISTINCT e.cache_root {base} ORDER BY 1", params))
+    # Non-kernels and artifacts are per cache dir, so only the cache-dir part of the filter applies.
+    dir_where, dir_params = KernelFilter(cache_dirs=flt.cache_dirs).where()
+    dir_where = dir_where.replace("e.", "s.")
+    skipped = {
+        r[0]: Group(r[1], r[2])
+        for r in conn.execute(
+            f"SELECT s.kind, count(*), coalesce(sum(s.size), 0) FROM skipped s WHERE {dir_where} GROUP BY 1 ORDER BY 1",
+            dir_params,
+        )
+    }
+    art = conn.execute(
+        f"SELECT count(*), coalesce(sum(s.size), 0) FROM artifacts s WHERE {dir_where}", dir_params
+    ).fetchone()
+    return CacheStats(
+        entries=entries,
+        total_size=total,
+        by_backend=grouped("e.backend"),
+        by_arch=grouped("e.arch"),
+        by_triton_version=grouped("e.triton_version"),
+        by_mode=grouped("e.mode"),
+        by_file_type=by_file_type,
+        reclaimable_ir_bytes=sum(v for k, v in by_file_type.items() if k in IR_TYPES),
+        hits=hits,
+        misses=misses,
+        cache_dirs=roots,
+        skipped=skipped,
+        artifacts=Group(art[0], art[1]),
+    )
