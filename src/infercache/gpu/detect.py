@@ -119,10 +119,16 @@ def _hip_gpu(index: int, name: str, gfx: Any, driver: str | None, source: str,
 
 def _extract_json(text: str) -> Any:
     """JSON from a tool's stdout, skipping warning lines some ROCm tools print before it."""
-    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
-    if not starts:
-        raise ValueError("no JSON in output")
-    return json.JSONDecoder().raw_decode(text[min(starts):])[0]
+    decoder = json.JSONDecoder()
+    offset = 0
+    for line in text.splitlines(keepends=True):
+        if line.lstrip().startswith(("{", "[")):
+            try:
+                return decoder.raw_decode(text[offset + len(line) - len(line.lstrip()):])[0]
+            except json.JSONDecodeError:
+                pass  # e.g. a "[WARNING] ..." line: keep looking
+        offset += len(line)
+    raise ValueError("no JSON document in the output")
 
 
 def _version_from_nvml_int(value: int) -> str:
