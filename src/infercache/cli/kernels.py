@@ -1,7 +1,388 @@
-"""`infercache kernels ...`: filled in by the kernels issue."""
+"""`infercache kernels index|list|prune|stats`: parse flags, call `infercache.kernels`, present."""
 
 from __future__ import annotations
 
+import csv
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Optional, Sequence
+
 import typer
 
-app = typer.Typer(help="kernels", no_args_is_help=True)
+from infercache.cli.common import (
+    ListFormat,
+    OutputFormat,
+    console,
+    err_console,
+    global_options,
+    handle_errors,
+    print_json,
+)
+from infercache.errors import BadInputError
+
+app = typer.Typer(help="Compiled-kernel caches (Triton, vLLM, Inductor): index, list, prune, stats.",
+                  no_args_is_help=True)
+
+# Filters shared by list and prune (and the mcm front end).
+NAME = typer.Option(None, "-n", "--name", help="Exact kernel name.")
+NAME_LIKE = typer.Option(None, "--name-like", help="Kernel name glob, e.g. '*matmul*'.")
+BACKEND = typer.Option(None, "-b", "--backend", help="cuda, hip or rocm (= hip).")
+ARCH = typer.Option(None, "-a", "--arch", help="80, 90, gfx90a, gfx942...")
+OLDER = typer.Option(None, "--older-than", help="Modified longer ago than DUR (30s, 90m, 2h, 7d, 2w).")
+YOUNGER = typer.Option(None, "--younger-than", help="Modified within DUR.")
+HIT_LOWER = typer.Option(None, "--cache-hit-lower", help="Runtime hits < N.")
+HIT_HIGHER = typer.Option(None, "--cache-hit-higher", help="Runtime hits > N.")
+CACHE_DIRS = typer.Option(None, "--cache-dir", help="Cache directory (repeatable).")
+MODE = typer.Option("auto", "--mode", help="auto, triton, vllm or inductor.")
+
+
+def open_catalog(ctx: typer.Context) -> Any:
+    from infercache.kernels.catalog import Catalog
+
+    return Catalog.open(global_options(ctx).data_dir)
+
+
+def build_filter(
+    *,
+    name: Optional[str],
+    name_like: Optional[str],
+    backend: Optional[str],
+    arch: Optional[str],
+    older_than: Optional[str],
+    younger_than: Optional[str],
+    hits_lower: Optional[int],
+    hits_higher: Optional[int],
+    cache_dirs: Optional[Sequence[Path]],
+    mode: Optional[str],
+) -> Any:
+    from infercache.kernels.query import KernelFilter
+
+    return KernelFilter.build(
+        name=name, name_like=name_like, backend=backend, arch=arch, older_than=older_than,
+        younger_than=younger_than, hits_lower=hits_lower, hits_higher=hits_higher,
+        cache_dirs=cache_dirs or (), mode=mode,
+    )
+
+
+def _progress() -> Iterator[Callable[[int, int], None] | None]:
+    """A Rich progress bar on stderr for long scans (only on a terminal)."""
+    if not err_console.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as bar:
+        task = bar.add_task("index", total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def run_index(catalog: Any, cache_dirs: Optional[Sequence[Path]], mode: str, rescan: bool = False) -> Any:
+    """Index with a progress bar; the library does the work."""
+    from infercache.kernels.indexer import index
+
+    gen = _progress()
+    callback = next(gen)
+    try:
+        return index(catalog, cache_dirs or None, mode=mode, progress=callback, rescan=rescan)
+    finally:
+        gen.close()
+
+
+def refresh_if_dirs(catalog: Any, cache_dirs: Optional[Sequence[Path]], mode: str) -> None:
+    """`list`/`stats --cache-dir D`: bring D's rows up to date first (incremental, cheap)."""
+    if cache_dirs:
+        run_index(catalog, cache_dirs, mode)
+
+
+@app.command("index")
+@handle_errors
+def index_command(
+    ctx: typer.Context,
+    cache_dir: Optional[List[Path]] = CACHE_DIRS,
+    mode: str = MODE,
+    rescan: bool = typer.Option(False, "--rescan", help="Re-read every entry, not only changed ones."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+) -> None:
+    """Scan cache dirs into the catalog (incremental: only changed entries are re-read)."""
+    with open_catalog(ctx) as catalog:
+        summary = run_index(catalog, cache_dir, mode, rescan)
+    if fmt == OutputFormat.json:
+        print_json(summary.to_json())
+        return
+    for note in summary.problems[:20]:
+        err_console.print(f"[yellow]warning:[/] skipped {note.path}: {note.reason}", highlight=False)
+    if len(summary.problems) > 20:
+        err_console.print(f"[yellow]warning:[/] ... and {len(summary.problems) - 20} more", highlight=False)
+    console.print(summary.line(), highlight=False)
+
+
+def _short_time(iso_text: Optional[str]) -> str:
+    return iso_text[:19].replace("T", " ") if iso_text else "-"
+
+
+def _records_table(records: Sequence[Any], title: Optional[str] = None) -> Any:
+    from rich.table import Table
+
+    from infercache.units import format_size
+
+    table = Table(title=title, header_style="bold")
+    right = {"justify": "right", "no_wrap": True}
+    for col, kw in (("Key", {"no_wrap": True}), ("Name", {"overflow": "fold"}), ("Backend", {}), ("Arch", {}),
+                    ("Warps", right), ("Triton", {}), ("Size", right), ("Hits", right),
+                    ("Modified", {}), ("Last access", {})):
+        table.add_column(col, **kw)
+    for r in records:
+        j = r.to_json()
+        table.add_row(
+            r.key[:12], r.name, r.backend, r.arch, str(r.num_warps if r.num_warps is not None else "-"),
+            r.triton_version or "-", format_size(r.total_size), str(r.hits), _short_time(j["modified"]),
+            _short_time(j["last_access"]),
+        )
+    return table
+
+
+CSV_COLUMNS = ("key", "name", "backend", "arch", "warp_size", "num_warps", "num_stages", "num_ctas", "shared",
+               "ptx_version", "triton_version", "hash", "mode", "path", "cache_root", "total_size", "modified",
+               "hits", "misses", "last_access", "vllm_hash", "vllm_rank", "vllm_prefix")
+
+
+def write_csv(records: Sequence[Any]) -> None:
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in records:
+        j = r.to_json()
+        vllm = j.pop("vllm") or {}
+        j.update(vllm_hash=vllm.get("hash"), vllm_rank=vllm.get("rank"), vllm_prefix=vllm.get("prefix"))
+        writer.writerow(["" if j.get(c) is None else j.get(c) for c in CSV_COLUMNS])
+
+
+def footer(records: Sequence[Any]) -> str:
+    from infercache.units import format_size
+
+    total = sum(r.total_size for r in records)
+    return f"{len(records)} kernel{'s' if len(records) != 1 else ''}, {format_size(total)} ({total} bytes)"
+
+
+@app.command("list")
+@handle_errors
+def list_command(
+    ctx: typer.Context,
+    name: Optional[str] = NAME,
+    name_like: Optional[str] = NAME_LIKE,
+    backend: Optional[str] = BACKEND,
+    arch: Optional[str] = ARCH,
+    older_than: Optional[str] = OLDER,
+    younger_than: Optional[str] = YOUNGER,
+    cache_hit_lower: Optional[int] = HIT_LOWER,
+    cache_hit_higher: Optional[int] = HIT_HIGHER,
+    cache_dir: Optional[List[Path]] = CACHE_DIRS,
+    mode: str = MODE,
+    sort: Optional[str] = typer.Option(None, "--sort", help="FIELD[:asc|desc]: name, size, modified, hits, "
+                                                               "last_access, backend, arch, warps, version, key."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N rows."),
+    fmt: ListFormat = typer.Option(ListFormat.table, "--format", help="table, json or csv."),
+) -> None:
+    """List kernels in the catalog, filtered and sorted."""
+    from infercache.kernels.query import parse_sort, query
+
+    flt = build_filter(name=name, name_like=name_like, backend=backend, arch=arch, older_than=older_than,
+                       younger_than=younger_than, hits_lower=cache_hit_lower, hits_higher=cache_hit_higher,
+                       cache_dirs=cache_dir, mode=mode)
+    parse_sort(sort)  # bad sort field → exit 2 before any work
+    with open_catalog(ctx) as catalog:
+        refresh_if_dirs(catalog, cache_dir, mode)
+        records = query(catalog, flt, sort=sort, limit=limit)
+        empty_catalog = not records and not catalog.roots()
+    if fmt == ListFormat.json:
+        print_json([r.to_json() for r in records])
+    elif fmt == ListFormat.csv:
+        write_csv(records)
+    else:
+        if records:
+            console.print(_records_table(records))
+        console.print(footer(records), highlight=False)
+        if empty_catalog:
+            err_console.print("the catalog is empty: run `infercache kernels index` first", highlight=False)
+
+
+def _plan_table(plan: Any, limit: int = 50) -> Any:
+    from rich.table import Table
+
+    from infercache.units import format_size
+
+    table = Table(header_style="bold")
+    for col in ("Action", "Key / path", "Name", "Bytes", "Why"):
+        table.add_column(col, justify="right" if col == "Bytes" else "left")
+    for a in plan.actions[:limit]:
+        what = {"ir": "remove IR", "dir": "remove entry", "path": "remove"}[a.kind]
+        table.add_row(what, a.key[:12] if a.key else str(a.path), a.name or "-", format_size(a.bytes),
+                      a.reason if a.kind != "ir" else ", ".join(f.rsplit(".", 1)[-1] for f in a.files))
+    if len(plan.actions) > limit:
+        table.add_row("...", f"{len(plan.actions) - limit} more", "", "", "")
+    return table
+
+
+def choose_strategy(full: bool, deduplicate: bool, max_size: Optional[str], garbage: bool) -> tuple[str, Optional[int]]:
+    from infercache.units import parse_size
+
+    chosen = [n for n, on in (("--full", full), ("--deduplicate", deduplicate), ("--max-size", max_size is not None),
+                              ("--garbage", garbage)) if on]
+    if len(chosen) > 1:
+        raise BadInputError(f"choose one prune strategy, not {' and '.join(chosen)}")
+    if max_size is not None:
+        return "max_size", parse_size(max_size)
+    if full:
+        return "full", None
+    if deduplicate:
+        return "deduplicate", None
+    if garbage:
+        return "garbage", None
+    return "ir", None
+
+
+def run_prune(ctx: typer.Context, flt: Any, strategy: str, max_size: Optional[int], dry_run: bool, yes: bool,
+              fmt: OutputFormat) -> None:
+    """Plan, show, confirm, execute: shared by `infercache kernels prune` and `mcm prune`."""
+    from infercache.kernels.prune import plan_prune
+    from infercache.units import format_size
+
+    with open_catalog(ctx) as catalog:
+        if not catalog.roots() and not flt.cache_dirs:
+            raise BadInputError("nothing indexed yet: run `infercache kernels index` or pass --cache-dir")
+        plan = plan_prune(catalog, flt, strategy, max_size=max_size)
+        freed = f"{format_size(plan.bytes_freed)} ({plan.bytes_freed} bytes)"
+        if fmt == OutputFormat.table:
+            if plan.actions:
+                console.print(_plan_table(plan))
+            for note in plan.notes:
+                console.print(note, highlight=False)
+        if dry_run:
+            if fmt == OutputFormat.json:
+                print_json({"dry_run": True, **plan.to_json()})
+            else:
+                console.print(f"dry run: would prune {len(plan.actions)} item(s), freeing {freed}", highlight=False)
+            return
+        if not plan.actions:
+            if fmt == OutputFormat.json:
+                print_json({"dry_run": False, **plan.to_json(), "result": None})
+            else:
+                console.print("nothing to prune", highlight=False)
+            return
+        if not yes and not typer.confirm(f"Prune {len(plan.actions)} item(s), freeing {freed}?", default=False,
+                                         err=True):
+            raise typer.Exit(1)
+        result = plan.execute(catalog)
+    for path, why in result.skipped:
+        err_console.print(f"[yellow]warning:[/] left {path} alone: {why}", highlight=False)
+    if fmt == OutputFormat.json:
+        print_json({"dry_run": False, **plan.to_json(), "result": result.to_json()})
+    else:
+        console.print(result.line(), highlight=False)
+
+
+@app.command("prune")
+@handle_errors
+def prune_command(
+    ctx: typer.Context,
+    name: Optional[str] = NAME,
+    name_like: Optional[str] = NAME_LIKE,
+    backend: Optional[str] = BACKEND,
+    arch: Optional[str] = ARCH,
+    older_than: Optional[str] = OLDER,
+    younger_than: Optional[str] = YOUNGER,
+    cache_hit_lower: Optional[int] = HIT_LOWER,
+    cache_hit_higher: Optional[int] = HIT_HIGHER,
+    cache_dir: Optional[List[Path]] = CACHE_DIRS,
+    mode: str = MODE,
+    full: bool = typer.Option(False, "--full", help="Delete whole entry directories."),
+    deduplicate: bool = typer.Option(False, "--deduplicate", help="Keep only the newest of identical kernels."),
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="Delete least recently used until this fits."),
+    garbage: bool = typer.Option(False, "--garbage", help="Stale tmp.pid_* dirs, empty dirs, orphan files."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the bytes it frees; change nothing."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+) -> None:
+    """Reclaim space: IR files only by default (kernels stay cache hits), or another strategy."""
+    strategy, size = choose_strategy(full, deduplicate, max_size, garbage)
+    flt = build_filter(name=name, name_like=name_like, backend=backend, arch=arch, older_than=older_than,
+                       younger_than=younger_than, hits_lower=cache_hit_lower, hits_higher=cache_hit_higher,
+                       cache_dirs=cache_dir, mode=mode)
+    run_prune(ctx, flt, strategy, size, dry_run, yes, fmt)
+
+
+@app.command("stats")
+@handle_errors
+def stats_command(
+    ctx: typer.Context,
+    cache_dir: Optional[List[Path]] = CACHE_DIRS,
+    mode: str = MODE,
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+    zero: bool = typer.Option(False, "--zero", help="Reset the hit/miss counters (after showing them)."),
+) -> None:
+    """Totals by backend, arch, Triton version and file type; reclaimable IR bytes; hit rate."""
+    from infercache.kernels.stats import compute_stats
+
+    flt = build_filter(name=None, name_like=None, backend=None, arch=None, older_than=None, younger_than=None,
+                       hits_lower=None, hits_higher=None, cache_dirs=cache_dir, mode=mode)
+    with open_catalog(ctx) as catalog:
+        refresh_if_dirs(catalog, cache_dir, mode)
+        stats = compute_stats(catalog, flt)
+        if zero:
+            from infercache.kernels.query import query
+
+            keys = None if not cache_dir else sorted({r.key for r in query(catalog, flt)})
+            catalog.zero_usage(keys)
+    if fmt == OutputFormat.json:
+        print_json(stats.to_json())
+    else:
+        _print_stats(stats)
+    if zero:
+        err_console.print("hit/miss counters reset", highlight=False)
+
+
+def _print_stats(stats: Any) -> None:
+    from rich.table import Table
+
+    from infercache.units import format_size
+
+    rate = "-" if stats.hit_rate is None else f"{stats.hit_rate * 100:.1f} %"
+    summary = Table(show_header=False, box=None)
+    summary.add_column(style="bold")
+    summary.add_column()
+    for label, value in (
+        ("Kernels", str(stats.entries)),
+        ("Total size", f"{format_size(stats.total_size)} ({stats.total_size} bytes)"),
+        ("Reclaimable IR", f"{format_size(stats.reclaimable_ir_bytes)} ({stats.reclaimable_ir_bytes} bytes)"),
+        ("Hits / misses", f"{stats.hits} / {stats.misses}"),
+        ("Hit rate", rate),
+        ("Cache dirs", ", ".join(stats.cache_dirs) or "-"),
+    ):
+        summary.add_row(label, value)
+    if stats.artifacts.entries:
+        summary.add_row("vLLM artifacts", f"{stats.artifacts.entries} ({format_size(stats.artifacts.total_size)})")
+    if stats.skipped:
+        summary.add_row("Not kernels", ", ".join(f"{g.entries} {k}" for k, g in stats.skipped.items()))
+    console.print(summary)
+    for title, groups in (("Backend", stats.by_backend), ("Arch", stats.by_arch),
+                          ("Triton version", stats.by_triton_version)):
+        if not groups:
+            continue
+        table = Table(header_style="bold")
+        table.add_column(title)
+        table.add_column("Kernels", justify="right")
+        table.add_column("Size", justify="right")
+        for key, g in groups.items():
+            table.add_row(key, str(g.entries), format_size(g.total_size))
+        console.print(table)
+    if stats.by_file_type:
+        table = Table(header_style="bold")
+        table.add_column("File type")
+        table.add_column("Size", justify="right")
+        for key, size in stats.by_file_type.items():
+            table.add_row(key, format_size(size))
+        console.print(table)

@@ -1,11 +1,125 @@
-"""`mcm`: compatibility front end accepting the old tool's flags."""
+"""`mcm`: compatibility front end accepting Model Cache Manager's flags (seed 000_8fce7333515cd602).
+
+`mcm index|list|prune` map onto the same library code as `infercache kernels ...`;
+the catalog is infercache's (`--data-dir` / `INFERCACHE_DATA_DIR`). Unlike MCM,
+`--backend rocm` matches HIP kernels, durations take any unit, and IR-only prune
+keeps kernels cache hits.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-app = typer.Typer(name="mcm", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+from infercache.cli import kernels as k
+from infercache.cli.common import GlobalOptions, OutputFormat, console, handle_errors, setup_logging
+
+app = typer.Typer(
+    name="mcm",
+    help="Model Cache Manager compatible front end: index, list and prune GPU kernel caches.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+CACHE_DIR = typer.Option(None, "--cache-dir", help="Cache directory (default: the mode's default cache dir).")
+MODE = typer.Option("auto", "--mode", help="triton or vllm (auto-detected if not given; inductor also accepted).")
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="-v WARNING, -vv INFO, -vvv DEBUG."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="INFERCACHE_DATA_DIR", hidden=True),
+) -> None:
+    setup_logging(verbose)
+    ctx.obj = GlobalOptions(data_dir=data_dir, verbosity=verbose)
+
+
+def _dirs(cache_dir: Optional[Path]) -> Optional[list[Path]]:
+    return [cache_dir] if cache_dir is not None else None
+
+
+@app.command("index")
+@handle_errors
+def index_command(ctx: typer.Context, cache_dir: Optional[Path] = CACHE_DIR, mode: str = MODE) -> None:
+    """Scan a Triton or vLLM cache directory into the catalog."""
+    with k.open_catalog(ctx) as catalog:
+        summary = k.run_index(catalog, _dirs(cache_dir), mode)
+    console.print(summary.line(), highlight=False)
+
+
+def _filter(name, backend, arch, older_than, younger_than, lower, higher, cache_dir, mode):  # type: ignore[no-untyped-def]
+    return k.build_filter(name=name, name_like=None, backend=backend, arch=arch, older_than=older_than,
+                          younger_than=younger_than, hits_lower=lower, hits_higher=higher,
+                          cache_dirs=_dirs(cache_dir), mode=mode)
+
+
+@app.command("list")
+@handle_errors
+def list_command(
+    ctx: typer.Context,
+    name: Optional[str] = k.NAME,
+    backend: Optional[str] = k.BACKEND,
+    arch: Optional[str] = k.ARCH,
+    older_than: Optional[str] = k.OLDER,
+    younger_than: Optional[str] = k.YOUNGER,
+    cache_hit_lower: Optional[int] = k.HIT_LOWER,
+    cache_hit_higher: Optional[int] = k.HIT_HIGHER,
+    cache_dir: Optional[Path] = CACHE_DIR,
+    mode: str = MODE,
+) -> None:
+    """List kernels (MCM's columns: Hash, Name, Hits, Last Access, Backend, Arch, Version, Warps, Total Size, Dir)."""
+    from rich.table import Table
+
+    from infercache.kernels.query import iso, query
+    from infercache.units import format_size
+
+    flt = _filter(name, backend, arch, older_than, younger_than, cache_hit_lower, cache_hit_higher, cache_dir, mode)
+    with k.open_catalog(ctx) as catalog:
+        k.refresh_if_dirs(catalog, _dirs(cache_dir), mode)
+        records = query(catalog, flt)
+    table = Table(header_style="bold")
+    for col in ("Hash", "Name", "Hits", "Last Access", "Backend", "Arch", "Version", "Warps", "Total Size", "Dir"):
+        table.add_column(col, overflow="fold")
+    for r in records:
+        last = iso(r.last_access)
+        table.add_row((r.hash or r.key)[:12], r.name, str(r.hits), last[:19].replace("T", " ") if last else "-",
+                      r.backend, r.arch, r.triton_version or "-", str(r.num_warps or "-"),
+                      format_size(r.total_size), str(r.path))
+    console.print(table)
+    console.print(k.footer(records), highlight=False)
+
+
+@app.command("prune")
+@handle_errors
+def prune_command(
+    ctx: typer.Context,
+    name: Optional[str] = k.NAME,
+    backend: Optional[str] = k.BACKEND,
+    arch: Optional[str] = k.ARCH,
+    older_than: Optional[str] = k.OLDER,
+    younger_than: Optional[str] = k.YOUNGER,
+    cache_hit_lower: Optional[int] = k.HIT_LOWER,
+    cache_hit_higher: Optional[int] = k.HIT_HIGHER,
+    cache_dir: Optional[Path] = CACHE_DIR,
+    mode: str = MODE,
+    full: bool = typer.Option(False, "--full", help="Delete entire kernel directories (default: only IR files)."),
+    deduplicate: bool = typer.Option(False, "--deduplicate", help="Keep only the newest copy of duplicate kernels."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Skip the confirmation prompt."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; change nothing."),
+) -> None:
+    """Prune kernels: IR files by default, `--full` directories, or `--deduplicate`."""
+    strategy, _ = k.choose_strategy(full, deduplicate, None, False)
+    flt = _filter(name, backend, arch, older_than, younger_than, cache_hit_lower, cache_hit_higher, cache_dir, mode)
+    k.run_prune(ctx, flt, strategy, None, dry_run, yes, OutputFormat.table)
 
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()
