@@ -1,0 +1,246 @@
+"""Safe extraction of an untrusted image layer into a private staging directory.
+
+A layer is hostile until proven otherwise (MCV extracted without any checks).
+Python's `tarfile` filters (3.12's `data_filter`) are not available on every
+supported Python and do not know our layout rules, so the checks are ours:
+
+* names: no absolute paths, no `..`, no NUL, only the expected top-level dirs;
+* types: regular files and directories; symlinks and hard links only when they
+  stay inside their top-level dir (hard links only to files already extracted);
+  device nodes, FIFOs, sparse and unknown types are refused;
+* nothing is ever written through a symlink (parents are checked with lstat and
+  files are created with O_EXCL | O_NOFOLLOW);
+* size: a total, a per-member cap and a decompression-ratio cap (bombs), counted
+  on the decompressed stream itself so tar padding and headers count too.
+
+Modes from the archive are ignored (files 0644, dirs 0755): no setuid, no surprises.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import posixpath
+import stat
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterable
+
+from infercache.errors import InfercacheError
+from infercache.vault.image import open_decompressed
+
+logger = logging.getLogger(__name__)
+_CHUNK = 1 << 20
+
+
+class UnsafeImageError(InfercacheError):
+    """The image's content is malicious or corrupt; nothing of it was installed."""
+
+
+@dataclass(frozen=True)
+class ExtractLimits:
+    """Bounds on what one image may expand to (defaults sized for real kernel caches)."""
+
+    max_total_bytes: int = 64 << 30
+    max_member_bytes: int = 8 << 30
+    max_members: int = 2_000_000
+    #: decompressed / compressed; kernel caches compress 2-10x, zstd on repeated data ~50x.
+    max_ratio: float = 250.0
+    #: the ratio is only enforced past this many decompressed bytes (tiny layers are mostly tar padding).
+    ratio_floor_bytes: int = 256 << 20
+
+
+class _CountingReader:
+    """Counts decompressed bytes and stops a decompression bomb as soon as it crosses a limit."""
+
+    def __init__(self, stream: BinaryIO, compressed_size: int, limits: ExtractLimits) -> None:
+        self._stream = stream
+        self._limit_ratio = max(limits.ratio_floor_bytes, int(limits.max_ratio * max(compressed_size, 1)))
+        self._limits = limits
+        self._compressed = compressed_size
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            data = self._stream.read(size if size is not None and size >= 0 else _CHUNK)
+        except InfercacheError:
+            raise  # digest / size errors from the verifying reader underneath
+        except EOFError:
+            raise UnsafeImageError("layer is truncated (compressed stream ends early)") from None
+        except Exception as exc:  # noqa: BLE001 - gzip/zlib/isal/zstd each raise their own error types
+            raise UnsafeImageError(f"layer data is corrupt: {type(exc).__name__}: {exc}") from None
+        self.count += len(data)
+        if self.count > self._limits.max_total_bytes:
+            raise UnsafeImageError(
+                f"layer expands beyond {self._limits.max_total_bytes} bytes: refused as a decompression bomb"
+            )
+        if self.count > self._limit_ratio:
+            raise UnsafeImageError(
+                f"layer expands more than {self._limits.max_ratio:g}x its compressed size "
+                f"({self._compressed} bytes): refused as a decompression bomb"
+            )
+        return data
+
+
+def safe_member_path(name: str, allowed_top: Iterable[str]) -> tuple[str, ...] | None:
+    """Path components of an archive member name, or UnsafeImageError; None for the archive root."""
+    if "\x00" in name:
+        raise UnsafeImageError(f"entry {name!r} has a NUL byte in its name")
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":" and name[0].isalpha()):
+        raise UnsafeImageError(f"entry {name!r} has an absolute path")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if not parts:
+        return None
+    if ".." in parts:
+        raise UnsafeImageError(f"entry {name!r} climbs out with '..'")
+    if parts[0] not in allowed_top:
+        raise UnsafeImageError(
+            f"entry {name!r} is outside the expected top-level dirs ({', '.join(sorted(allowed_top))})"
+        )
+    if any(p.startswith(".wh.") for p in parts):
+        raise UnsafeImageError(f"entry {name!r} is a whiteout; cache images are single-layer content only")
+    return parts
+
+
+def _ensure_dirs(staging: Path, parts: tuple[str, ...]) -> Path:
+    """Create (or check) parent dirs under staging; refuse to go through anything but real dirs."""
+    current = staging
+    for part in parts:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            os.mkdir(current, 0o755)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise UnsafeImageError(f"entry path {'/'.join(parts)} goes through a non-directory (link or file)")
+    return current
+
+
+def _remove_existing(path: Path) -> None:
+    """A later duplicate member replaces an earlier file or link, never a directory."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise UnsafeImageError(f"entry {path.name} would replace a directory with a file")
+    os.unlink(path)
+
+
+def extract_layer(
+    stream: BinaryIO,
+    compressed_size: int,
+    staging: Path,
+    allowed_top: Iterable[str],
+    limits: ExtractLimits | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Extract one (possibly compressed) tar layer into `staging`; returns the regular files written.
+
+    `stream` should be a digest-verifying reader: the caller must drain and verify it
+    after this returns and treat staging as untrusted until then.
+    """
+    limits = limits or ExtractLimits()
+    allowed = frozenset(allowed_top)
+    staging = Path(staging)
+    counting = _CountingReader(open_decompressed(stream), compressed_size, limits)
+    written: list[str] = []
+    files: set[str] = set()
+    members = 0
+    try:
+        tar = tarfile.open(fileobj=counting, mode="r|", bufsize=_CHUNK)  # type: ignore[call-overload]
+    except tarfile.TarError as exc:
+        raise UnsafeImageError(f"layer is not a valid tar archive: {exc}") from None
+    try:
+        for member in _members(tar):
+            members += 1
+            if members > limits.max_members:
+                raise UnsafeImageError(f"layer holds more than {limits.max_members} entries")
+            parts = safe_member_path(member.name, allowed)
+            if parts is None:
+                continue
+            rel = "/".join(parts)
+            if member.isdir():
+                _ensure_dirs(staging, parts)
+                continue
+            parent = _ensure_dirs(staging, parts[:-1])
+            target = parent / parts[-1]
+            if member.isreg() and not member.issparse():
+                if member.size > limits.max_member_bytes:
+                    raise UnsafeImageError(f"entry {rel} is {member.size} bytes, over the per-file limit")
+                _remove_existing(target)
+                _write_member(tar, member, target)
+                files.add(rel)
+                written.append(rel)
+                if progress is not None:
+                    progress(counting.count)
+            elif member.issym():
+                _check_symlink(member, parts)
+                _remove_existing(target)
+                os.symlink(member.linkname, target)
+            elif member.islnk():
+                link_parts = safe_member_path(member.linkname, allowed)
+                if link_parts is None or link_parts[0] != parts[0]:
+                    raise UnsafeImageError(f"hard link {rel} → {member.linkname} leaves its directory")
+                link_rel = "/".join(link_parts)
+                if link_rel not in files:
+                    raise UnsafeImageError(f"hard link {rel} → {member.linkname} points to no extracted file")
+                _remove_existing(target)
+                os.link(staging.joinpath(*link_parts), target, follow_symlinks=False)
+            elif member.ischr() or member.isblk():
+                raise UnsafeImageError(f"entry {rel} is a device node: refused")
+            elif member.isfifo():
+                raise UnsafeImageError(f"entry {rel} is a FIFO: refused")
+            else:
+                raise UnsafeImageError(f"entry {rel} has an unsupported type {member.type!r}: refused")
+    except tarfile.TarError as exc:
+        raise UnsafeImageError(f"layer is not a valid tar archive: {exc}") from None
+    except EOFError:
+        raise UnsafeImageError("layer is truncated (unexpected end of data)") from None
+    finally:
+        tar.close()
+    return written
+
+
+def _members(tar: tarfile.TarFile) -> Any:
+    """Iterate members without tarfile keeping them all in memory (stream mode, one at a time)."""
+    while True:
+        member = tar.next()
+        if member is None:
+            return
+        yield member
+        tar.members = []  # stream mode keeps a list otherwise; a million entries would add up
+
+
+def _check_symlink(member: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
+    link = member.linkname
+    rel = "/".join(parts)
+    if not link or link.startswith("/") or "\x00" in link:
+        raise UnsafeImageError(f"symlink {rel} → {link!r} is absolute or empty: refused")
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), link))
+    if resolved == ".." or resolved.startswith("../") or resolved.split("/")[0] != parts[0]:
+        raise UnsafeImageError(f"symlink {rel} → {link} points outside its directory: refused")
+
+
+def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+    source = tar.extractfile(member)
+    if source is None:  # pragma: no cover - regular files always have data
+        raise UnsafeImageError(f"entry {member.name} has no data")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(target, flags, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ELOOP):
+            raise UnsafeImageError(f"entry {member.name} collides with a link") from None
+        raise
+    remaining = member.size
+    with os.fdopen(fd, "wb") as out:
+        while remaining > 0:
+            chunk = source.read(min(_CHUNK, remaining))
+            if not chunk:
+                raise UnsafeImageError(f"layer is truncated inside {member.name}")
+            out.write(chunk)
+            remaining -= len(chunk)

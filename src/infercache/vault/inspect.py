@@ -1,0 +1,44 @@
+"""`vault inspect`: what an image holds, from its manifest and config only (no layer is read)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from infercache.vault.image import config_labels, load_image
+from infercache.vault.labels import LABEL_COMPONENTS, LABEL_ENTRY_COUNT, LABEL_SIZE, LABEL_TYPE, summary_targets
+from infercache.vault.transport import ImageReference, RegistryOptions, open_source
+
+
+def inspect_image(reference: str | ImageReference, options: RegistryOptions | None = None) -> dict[str, Any]:
+    """The spec's inspect document: reference, digest, media_type, labels, annotations, summary, layers."""
+    source = open_source(reference, options)
+    try:
+        manifest, config = load_image(source)
+    finally:
+        source.close()
+    labels = config_labels(config)
+
+    def _int(key: str) -> int | None:
+        try:
+            return int(labels[key])
+        except (KeyError, ValueError):
+            return None
+
+    return {
+        "reference": str(source.reference),
+        "digest": manifest.digest,
+        "media_type": manifest.media_type,
+        "config": {"digest": manifest.config.digest, "size": manifest.config.size,
+                   "media_type": manifest.config.media_type},
+        "created": config.get("created"),
+        "architecture": config.get("architecture"),
+        "os": config.get("os"),
+        "type": labels.get(LABEL_TYPE),
+        "components": labels.get(LABEL_COMPONENTS),
+        "entry_count": _int(LABEL_ENTRY_COUNT),
+        "cache_size_bytes": _int(LABEL_SIZE),
+        "labels": labels,
+        "annotations": dict(manifest.annotations),
+        "summary": {"targets": summary_targets(labels)},
+        "layers": [{"digest": d.digest, "size": d.size, "media_type": d.media_type} for d in manifest.layers],
+    }

@@ -1,0 +1,391 @@
+"""Unpack a cache image: only the entries this machine can use, installed atomically, never unsafely.
+
+Order of work, so that a bad image never touches the destination:
+1. manifest + config (digest-verified); the summary label against the local GPUs
+   or `--target` — an incompatible image is refused before any layer is read,
+   unless `force`;
+2. every layer streamed through a digest/size check into a private `mkdtemp`
+   directory inside the destination (same filesystem, so moves are renames),
+   with the safety rules of :mod:`infercache.vault.extract`;
+3. `manifest.json` checked against what was staged (names, sizes, sha256): an
+   image whose manifest lies is refused whole;
+4. per entry: compatible with a local GPU/target → group file rewritten to
+   absolute paths at the final location, then the entry directory renamed into
+   place (existing entries kept unless `overwrite`); the rest is skipped.
+Any failure rolls back the entries moved so far and removes the staging dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from infercache import paths
+from infercache.errors import BadInputError, InfercacheError
+from infercache.vault import labels as L
+from infercache.vault.check import CheckResult, evaluate, local_targets
+from infercache.vault.extract import ExtractLimits, UnsafeImageError, extract_layer
+from infercache.vault.image import VerifyingReader, config_labels, load_image
+from infercache.vault.transport import ImageReference, RegistryOptions, open_source
+
+logger = logging.getLogger(__name__)
+_MAX_MANIFEST_JSON = 256 << 20
+STAGING_PREFIX = ".infercache-unpack-"
+
+
+@dataclass(frozen=True)
+class UnpackReport:
+    """What unpack did, entry keys (or vLLM-relative paths) per outcome."""
+
+    reference: str
+    digest: str
+    dest: Path
+    extracted: tuple[str, ...]
+    skipped_incompatible: tuple[str, ...]
+    already_present: tuple[str, ...]
+    replaced: tuple[str, ...] = ()
+    other_files: int = 0
+    warnings: tuple[str, ...] = ()
+    check: CheckResult | None = None
+    forced: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "digest": self.digest,
+            "dest": str(self.dest),
+            "extracted": len(self.extracted),
+            "skipped_incompatible": len(self.skipped_incompatible),
+            "already_present": len(self.already_present),
+            "replaced": len(self.replaced),
+            "other_files": self.other_files,
+            "entries": {
+                "extracted": list(self.extracted),
+                "skipped_incompatible": list(self.skipped_incompatible),
+                "already_present": list(self.already_present),
+            },
+            "warnings": list(self.warnings),
+            "forced": self.forced,
+        }
+
+
+def _primary_component(labels: dict[str, str]) -> str:
+    kind = labels.get(L.LABEL_TYPE)
+    if kind in L.COMPONENTS:
+        return kind
+    if any(k.startswith("cache.vllm.image/") for k in labels) and not any(
+        k.startswith("cache.triton.image/") for k in labels
+    ):
+        return "vllm"
+    return "triton"
+
+
+def default_dest(component: str) -> Path:
+    """The spec's default: Triton cache dir resolution; vLLM caches go to the vLLM root."""
+    return paths.vllm_cache_root() if component == "vllm" else paths.triton_cache_dir()
+
+
+def _safe_rel(value: Any, what: str) -> str:
+    text = str(value or "")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if not parts or text.startswith("/") or ".." in parts or "\x00" in text:
+        raise UnsafeImageError(f"manifest.json names an unsafe {what} {text!r}")
+    return "/".join(parts)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_manifest_json(staging: Path, component: str) -> dict[str, Any]:
+    path = staging / L.MANIFEST_DIRS[component] / L.MANIFEST_NAME
+    if not path.is_file() or path.is_symlink():
+        raise UnsafeImageError(f"image has no {L.MANIFEST_DIRS[component]}/{L.MANIFEST_NAME}: not a cache image")
+    if path.stat().st_size > _MAX_MANIFEST_JSON:
+        raise UnsafeImageError("manifest.json is unreasonably large")
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UnsafeImageError(f"manifest.json is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UnsafeImageError("manifest.json is not a JSON object")
+    return data
+
+
+def verify_entries(staging: Path, component: str, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Map relative entry dir → record, after checking every listed file against what was staged."""
+    top = staging / L.CACHE_DIRS[component]
+    by_dir: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if component == "triton":
+            rel = _safe_rel(record.get("key"), "entry key")
+            if "/" in rel:
+                raise UnsafeImageError(f"manifest.json entry key {rel!r} is not a single directory name")
+        else:
+            rel = _safe_rel(record.get("path") or record.get("key"), "entry path")
+        if rel in by_dir:
+            raise UnsafeImageError(f"manifest.json lists entry {rel} twice")
+        entry_dir = top / rel
+        if entry_dir.is_symlink() or not entry_dir.is_dir():
+            raise UnsafeImageError(f"manifest.json lists entry {rel}, which the layer does not hold")
+        listed = record.get("files")
+        if not isinstance(listed, list) or not listed:
+            raise UnsafeImageError(f"manifest.json entry {rel} lists no files")
+        expected: dict[str, dict[str, Any]] = {}
+        for f in listed:
+            if not isinstance(f, dict) or not isinstance(f.get("name"), str) or "/" in f["name"]:
+                raise UnsafeImageError(f"manifest.json entry {rel} has a malformed file record")
+            expected[f["name"]] = f
+        actual = {p.name: p for p in entry_dir.iterdir()}
+        extra = sorted(set(actual) - set(expected))
+        missing = sorted(set(expected) - set(actual))
+        if extra or missing:
+            raise UnsafeImageError(
+                f"manifest.json does not match the layer for entry {rel}: "
+                + (f"unlisted files {', '.join(extra)}" if extra else "")
+                + ("; " if extra and missing else "")
+                + (f"missing files {', '.join(missing)}" if missing else "")
+            )
+        for name, f in expected.items():
+            path = actual[name]
+            if path.is_symlink() or not path.is_file():
+                raise UnsafeImageError(f"entry {rel}/{name} is not a regular file")
+            size = path.stat().st_size
+            if f.get("size") is not None and int(f["size"]) != size:
+                raise UnsafeImageError(
+                    f"manifest.json says {rel}/{name} has {f['size']} bytes, the layer holds {size}"
+                )
+            if f.get("sha256") and _sha256_file(path) != f["sha256"]:
+                raise UnsafeImageError(f"manifest.json sha256 of {rel}/{name} does not match the layer")
+        by_dir[rel] = record
+    if component == "triton" and top.is_dir():
+        unlisted = sorted(p.name for p in top.iterdir() if p.name not in by_dir)
+        if unlisted:
+            raise UnsafeImageError(
+                f"layer holds entries not listed in manifest.json: {', '.join(unlisted[:5])}"
+                + (" ..." if len(unlisted) > 5 else "")
+            )
+    return by_dir
+
+
+def _rewrite_group(entry_dir: Path, final_dir: Path) -> None:
+    """Point the staged entry's group file at its final location (what Triton's loader needs)."""
+    from infercache.kernels.triton_entry import GROUP_PREFIX, group_children, write_group_file
+
+    for group in entry_dir.glob(f"{GROUP_PREFIX}*.json"):
+        try:
+            data = json.loads(group.read_bytes())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UnsafeImageError(f"group file {group.name} is not valid JSON: {exc}") from None
+        children = group_children(data)
+        present = {p.name for p in entry_dir.iterdir()}
+        if any(c not in present for c in children):
+            raise UnsafeImageError(f"group file {group.name} lists files the entry does not hold")
+        write_group_file(group, children, final_dir)
+
+
+class _Installer:
+    """Moves staged entries into place, remembering enough to undo everything on failure."""
+
+    def __init__(self, dest: Path, staging: Path) -> None:
+        self.dest = dest
+        self.staging = staging
+        self._moved: list[tuple[Path, Path | None]] = []  # (final path, backup of what it replaced)
+        self._n = 0
+
+    def install(self, staged: Path, final: Path, overwrite: bool) -> str:
+        """'extracted' | 'replaced' | 'present'."""
+        if not _inside(final, self.dest):
+            raise UnsafeImageError(f"{final} would land outside {self.dest}")
+        backup = None
+        if os.path.lexists(final):
+            if not overwrite:
+                return "present"
+            self._n += 1
+            backup = self.staging / f".replaced-{self._n}"
+            os.rename(final, backup)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(staged, final)
+        except OSError:
+            if backup is not None:
+                os.rename(backup, final)
+            raise
+        self._moved.append((final, backup))
+        return "replaced" if backup is not None else "extracted"
+
+    def rollback(self) -> None:
+        for final, backup in reversed(self._moved):
+            try:
+                if final.is_dir() and not final.is_symlink():
+                    shutil.rmtree(final)
+                elif os.path.lexists(final):
+                    os.unlink(final)
+                if backup is not None:
+                    os.rename(backup, final)
+            except OSError as exc:  # pragma: no cover - best effort, reported
+                logger.error("could not roll back %s: %s", final, exc)
+        self._moved.clear()
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.parent.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def unpack(
+    reference: str | ImageReference,
+    dest: str | os.PathLike[str] | None = None,
+    targets: Sequence[str] | None = None,
+    *,
+    force: bool = False,
+    overwrite: bool = False,
+    options: RegistryOptions | None = None,
+    limits: ExtractLimits | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> UnpackReport:
+    """Install the compatible entries of an image into `dest` (default per the spec); see the module doc."""
+    from infercache.gpu.compat import compatible_with_any, installed_triton_version
+    from infercache.gpu.targets import GpuTarget
+
+    gpus, source_kind = local_targets(targets)
+    source = open_source(reference, options)
+    try:
+        manifest, config = load_image(source)
+        labels = config_labels(config)
+        ref_text = str(source.reference)
+        check = evaluate(ref_text, L.summary_targets(labels), gpus, source_kind)
+        if not gpus:
+            raise InfercacheError("no GPU detected and no --target given: cannot tell which entries to unpack")
+        if not check.compatible and not force:
+            reasons = "; ".join(r for g in check.gpus for r in g.reasons) or "no matching target"
+            raise InfercacheError(f"image {ref_text} is not compatible with this machine ({reasons}); "
+                                  "use --force to unpack the compatible entries anyway")
+        component = _primary_component(labels)
+        dest_path = Path(dest).expanduser() if dest is not None else default_dest(component)
+        if dest_path.exists() and not dest_path.is_dir():
+            raise BadInputError(f"{dest_path} exists and is not a directory")
+        created_dest = not dest_path.exists()
+        dest_path.mkdir(parents=True, exist_ok=True)
+        dest_path = dest_path.resolve()
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=dest_path))
+        installer = _Installer(dest_path, staging)
+        try:
+            total = sum(layer.size for layer in manifest.layers)
+            done = 0
+            for layer in manifest.layers:
+                reader = VerifyingReader(source.open_blob(layer), layer, "layer")
+                try:
+                    base = done
+
+                    def _progress(_n: int, base: int = base, reader: VerifyingReader = reader) -> None:
+                        if progress is not None:
+                            progress(min(base + reader._read, total), total)  # noqa: SLF001
+
+                    extract_layer(reader, layer.size, staging, L.TOP_LEVEL_DIRS, limits, _progress)
+                    reader.verify_to_end()  # staged bytes are trusted only once the digest matched
+                finally:
+                    reader.close()
+                done += layer.size
+                if progress is not None:
+                    progress(done, total)
+            report = _install(
+                staging, component, gpus, overwrite, installer, dest_path,
+                lambda rec: compatible_with_any(GpuTarget.from_entry(rec), gpus, installed_triton_version()),
+            )
+        except BaseException:
+            installer.rollback()
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            if created_dest:
+                try:
+                    dest_path.rmdir()  # only succeeds when nothing was installed
+                except OSError:
+                    pass
+    finally:
+        source.close()
+    extracted, replaced, present, skipped, others, warnings = report
+    warnings = warnings + tuple(w for g in check.gpus for w in g.warnings)
+    logger.info("unpacked %s into %s: %d extracted, %d skipped (incompatible), %d already present",
+                ref_text, dest_path, len(extracted), len(skipped), len(present))
+    return UnpackReport(
+        reference=ref_text,
+        digest=manifest.digest,
+        dest=dest_path,
+        extracted=extracted,
+        skipped_incompatible=skipped,
+        already_present=present,
+        replaced=replaced,
+        other_files=others,
+        warnings=tuple(dict.fromkeys(warnings)),
+        check=check,
+        forced=force and not check.compatible,
+    )
+
+
+def _install(
+    staging: Path,
+    component: str,
+    gpus: list[Any],
+    overwrite: bool,
+    installer: _Installer,
+    dest: Path,
+    is_compatible: Callable[[dict[str, Any]], bool],
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...], int, tuple[str, ...]]:
+    manifest_doc = _load_manifest_json(staging, component)
+    records = L.manifest_records(manifest_doc, component)
+    by_dir = verify_entries(staging, component, records)
+    top = staging / L.CACHE_DIRS[component]
+    extracted: list[str] = []
+    replaced: list[str] = []
+    present: list[str] = []
+    skipped: list[str] = []
+    warnings: list[str] = []
+    for rel in sorted(by_dir):
+        record = by_dir[rel]
+        try:
+            ok = is_compatible(record)
+        except BadInputError as exc:
+            warnings.append(f"entry {rel}: unusable target ({exc}); skipped")
+            ok = False
+        if not ok:
+            skipped.append(rel)
+            continue
+        staged = top / rel
+        final = dest / rel
+        _rewrite_group(staged, final)
+        outcome = installer.install(staged, final, overwrite)
+        {"extracted": extracted, "replaced": replaced, "present": present}[outcome].append(rel)
+        if outcome == "replaced":
+            extracted.append(rel)
+    others = 0
+    if component == "vllm" and top.is_dir():
+        # Non-kernel vLLM files (compiled graphs, artifacts): installed file by file.
+        entry_dirs = {top / rel for rel in by_dir}
+        for dirpath, dirnames, filenames in os.walk(top):
+            here = Path(dirpath)
+            dirnames[:] = [d for d in dirnames if here / d not in entry_dirs]
+            for name in sorted(filenames):
+                staged = here / name
+                if staged.is_symlink():
+                    continue
+                final = dest / staged.relative_to(top)
+                if installer.install(staged, final, overwrite) != "present":
+                    others += 1
+    return tuple(extracted), tuple(replaced), tuple(present), tuple(skipped), others, tuple(warnings)
