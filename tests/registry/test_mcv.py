@@ -1,0 +1,91 @@
+"""`mcv` front end, run as a user would (subprocess), against a real registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from infercache.cli.mcv import normalize_image
+from infercache.errors import BadInputError
+from tests.registry.conftest import PASSWORD, USER, Registry, skopeo
+
+
+def mcv(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "infercache.cli.mcv", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ("quay.io/x/y:tag", "docker://quay.io/x/y:tag"),
+    ("127.0.0.1:5000/a/b", "docker://127.0.0.1:5000/a/b"),
+    ("localhost/a", "docker://localhost/a"),
+    ("team/img:1", "docker://docker.io/team/img:1"),
+    ("img", "docker://docker.io/library/img"),
+    ("oci:/tmp/x:v1", "oci:/tmp/x:v1"),
+    ("docker-archive:/tmp/a.tar", "docker-archive:/tmp/a.tar"),
+])
+def test_normalize_image(given: str, expected: str) -> None:
+    assert normalize_image(given) == expected
+
+
+def test_normalize_empty() -> None:
+    with pytest.raises(BadInputError):
+        normalize_image(" ")
+
+
+def test_flags_need_exactly_one_action() -> None:
+    assert mcv().returncode in (0, 2)  # no args: help
+    both = mcv("-c", "-e", "-i", "x/y")
+    assert both.returncode == 2 and "exactly one" in both.stderr
+    missing = mcv("-e")
+    assert missing.returncode == 2 and "-i/--image" in missing.stderr
+
+
+def test_gpu_and_hw_info_are_json() -> None:
+    gpus = mcv("--gpu-info")
+    assert gpus.returncode == 0, gpus.stderr
+    assert isinstance(json.loads(gpus.stdout), list)
+    hw = mcv("--hw-info", "-l", "debug")
+    assert hw.returncode == 0, hw.stderr
+    data = json.loads(hw.stdout)
+    assert data["host"]["cpus"] >= 1 and isinstance(data["gpus"], list)
+
+
+def test_create_pushes_bare_registry_name(registry: Registry, triton_cache: Path) -> None:
+    image = f"{registry.host}/mcv/triton:v1"  # no docker:// prefix: a registry push
+    result = mcv("-c", "-i", image, "-d", str(triton_cache))
+    assert result.returncode == 0, result.stderr
+    info = json.loads(skopeo("inspect", "--tls-verify=false", f"docker://{image}").stdout)
+    assert info["Labels"]["model.cache.image/type"] == "triton"
+    assert info["Digest"] in result.stdout
+    ok = mcv("--check-compat", "-i", image, "--target", "cuda:90")
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["compatible"] is True
+    bad = mcv("--check-compat", "-i", image, "--target", "cuda:75")
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout)["compatible"] is False
+
+
+def test_create_with_creds_and_wrong_creds(auth_registry: Registry, triton_cache: Path, tmp_path: Path) -> None:
+    image = f"{auth_registry.host}/mcv/auth:v1"
+    env = {"HOME": str(tmp_path), "REGISTRY_AUTH_FILE": "", "XDG_RUNTIME_DIR": ""}
+    wrong = "N0t-The-Passw0rd"
+    denied = mcv("-c", "-i", image, "-d", str(triton_cache), "--creds", f"{USER}:{wrong}", "-l", "debug", env=env)
+    assert denied.returncode == 1
+    assert "authentication" in denied.stderr and USER in denied.stderr
+    assert wrong not in denied.stderr + denied.stdout
+    missing = mcv("-c", "-i", image, "-d", str(triton_cache), env=env)
+    assert missing.returncode == 1 and "--creds" in missing.stderr
+    authfile = tmp_path / "auth.json"
+    import base64
+
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    authfile.write_text(json.dumps({"auths": {auth_registry.host: {"auth": token}}}))
+    ok = mcv("-c", "-i", image, "-d", str(triton_cache), "--authfile", str(authfile), "-l", "debug", env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert PASSWORD not in ok.stderr + ok.stdout and token not in ok.stderr + ok.stdout
