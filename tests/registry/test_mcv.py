@@ -89,3 +89,58 @@ def test_create_with_creds_and_wrong_creds(auth_registry: Registry, triton_cache
     ok = mcv("-c", "-i", image, "-d", str(triton_cache), "--authfile", str(authfile), "-l", "debug", env=env)
     assert ok.returncode == 0, ok.stderr
     assert PASSWORD not in ok.stderr + ok.stdout and token not in ok.stderr + ok.stdout
+
+
+def _keys_by_target(cache: Path) -> dict[tuple[str, str], set[str]]:
+    from infercache.kernels.triton_entry import TritonEntry, scan_entry
+
+    out: dict[tuple[str, str], set[str]] = {}
+    for path in cache.iterdir():
+        entry, _ = scan_entry(path)
+        if isinstance(entry, TritonEntry):
+            out.setdefault((entry.backend, entry.arch), set()).add(entry.key)
+    return out
+
+
+def test_extract_modes(registry: Registry, triton_cache: Path, tmp_path: Path) -> None:
+    image = f"{registry.host}/mcv/extract:v1"
+    assert mcv("-c", "-i", image, "-d", str(triton_cache)).returncode == 0
+    source = _keys_by_target(triton_cache)
+
+    one = mcv("-e", "-i", image, "-d", str(tmp_path / "one"), "--target", "hip:gfx90a", "-b")
+    assert one.returncode == 0, one.stderr
+    data = json.loads(one.stdout)
+    assert set(data["entries"]["extracted"]) == source[("hip", "gfx90a")]
+    assert data["baremetal_check"] == {"checked": len(source[("hip", "gfx90a")]), "removed": []}
+    assert _keys_by_target(tmp_path / "one") == {("hip", "gfx90a"): source[("hip", "gfx90a")]}
+
+    everything = mcv("-e", "-i", image, "-d", str(tmp_path / "all"), "--no-gpu")
+    assert everything.returncode == 0, everything.stderr
+    assert _keys_by_target(tmp_path / "all") == source
+
+    again = mcv("-e", "-i", image, "-d", str(tmp_path / "all"), "--no-gpu")
+    assert json.loads(again.stdout)["already_present"] == sum(len(v) for v in source.values())
+
+
+def test_extract_without_gpu_or_target_refuses(registry: Registry, triton_cache: Path, tmp_path: Path) -> None:
+    """This machine has no GPU: without --target/--no-gpu nothing may be installed."""
+    from infercache.gpu.detect import detect_gpus
+
+    if detect_gpus():
+        pytest.skip("a GPU is present here")
+    image = f"{registry.host}/mcv/nogpu:v1"
+    assert mcv("-c", "-i", image, "-d", str(triton_cache)).returncode == 0
+    result = mcv("-e", "-i", image, "-d", str(tmp_path / "dest"))
+    assert result.returncode == 1 and "no GPU" in result.stderr
+    assert not (tmp_path / "dest").exists()
+
+
+def test_baremetal_check_removes_only_incompatible(triton_cache: Path) -> None:
+    """-b's post-extraction check, given entries of several targets, removes only the foreign ones."""
+    from infercache.cli.mcv import baremetal_check
+
+    by_target = _keys_by_target(triton_cache)
+    keys = sorted(k for v in by_target.values() for k in v)
+    result = baremetal_check(triton_cache, keys, ["cuda:80"])
+    assert sorted(result["removed"]) == sorted(keys_ for t, v in by_target.items() if t != ("cuda", "80") for keys_ in v)
+    assert _keys_by_target(triton_cache) == {("cuda", "80"): by_target[("cuda", "80")]}

@@ -168,40 +168,60 @@ def _check(reference: str, targets: Optional[List[str]], options: Any) -> None:
 
 def _extract(reference: str, dest: Optional[Path], targets: Optional[List[str]], no_gpu: bool, baremetal: bool,
              options: Any) -> None:
-    from infercache.vault import unpack as unpack_mod
+    from infercache.vault.unpack import unpack
 
-    result = unpack_mod.unpack(
-        reference, dest=dest, targets=targets or None, force=no_gpu, all_entries=no_gpu, options=options,
-    )
-    data = result.to_json() if hasattr(result, "to_json") else dict(vars(result))
+    if no_gpu:
+        # MCV's --no-gpu skips the GPU checks: every target the image holds counts as local.
+        targets = _image_targets(reference, options)
+    report = unpack(reference, dest=dest, targets=targets or None, force=no_gpu, options=options)
+    data = report.to_json()
     if baremetal and not no_gpu:
-        data["baremetal_check"] = _baremetal_check(result, targets)
+        data["baremetal_check"] = baremetal_check(report.dest, report.extracted, targets)
     print_json(data)
 
 
-def _baremetal_check(result: Any, targets: Optional[List[str]]) -> dict[str, Any]:
-    """Re-read the manifest records of what was extracted and remove any entry no local GPU can use."""
+def _image_targets(reference: str, options: Any) -> list[str]:
+    from infercache.vault.inspect import inspect_image
+
+    summary = inspect_image(reference, options).get("summary") or {}
+    found = [f"{t['backend']}:{t['arch']}:{t['warp_size']}" if t.get("warp_size") else f"{t['backend']}:{t['arch']}"
+             for t in summary.get("targets", []) if t.get("backend") and t.get("arch")]
+    if not found:
+        raise BadInputError(f"{reference} lists no targets in its summary label")
+    return list(dict.fromkeys(found))
+
+
+def baremetal_check(dest: Path, keys: tuple[str, ...] | list[str], targets: Optional[List[str]]) -> dict[str, Any]:
+    """MCV's full manifest check after extraction: parse each installed entry's own metadata and
+    remove only the entries no local GPU (or --target) can use."""
     import shutil
 
-    from infercache.gpu.compat import compatible_with_any
+    from infercache.fsutil import is_within
+    from infercache.gpu.compat import compatible_with_any, installed_triton_version
     from infercache.gpu.targets import GpuTarget
+    from infercache.kernels.triton_entry import TritonEntry, scan_entry
     from infercache.vault.check import local_targets
 
     gpus, _source = local_targets(targets or None)
+    local_triton = installed_triton_version()
     removed: list[str] = []
     checked = 0
-    for record in getattr(result, "records", []) or []:
-        path = Path(record["path"]) if record.get("path") else None
-        if path is None or not path.exists():
+    for key in keys:
+        path = Path(dest) / key
+        if not is_within(path, dest) or not path.is_dir():
+            continue
+        entry, _raw = scan_entry(path)
+        if not isinstance(entry, TritonEntry):
             continue
         checked += 1
-        if not compatible_with_any(GpuTarget.from_entry(record), gpus):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(str(record.get("key")))
+        target = GpuTarget.from_entry({"backend": entry.backend, "arch": entry.arch, "warp_size": entry.warp_size,
+                                       "ptx_version": entry.ptx_version, "triton_version": entry.triton_version})
+        if not compatible_with_any(target, gpus, local_triton):
+            shutil.rmtree(path)
+            removed.append(key)
     if removed:
         log.warning("removed %d incompatible entries after extraction", len(removed))
     return {"checked": checked, "removed": removed}
-
 
 
 def main() -> None:
