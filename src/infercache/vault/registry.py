@@ -138,7 +138,7 @@ class RegistryClient:
 
         self.reference = reference
         self.options = options or RegistryOptions()
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or env_retry_policy()
         self.chunk_size = max(1 << 10, chunk_size)
         self.timeout = timeout
         self.stats = RegistryStats()
