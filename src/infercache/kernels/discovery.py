@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -84,11 +85,11 @@ class VllmArtifact:
     modified: float
 
 
-def _scandir(path: Path) -> list[os.DirEntry[str]]:
-    """Children of `path`, or [] with a warning when it cannot be listed."""
+def _scandir(path: Path, sort: bool = True) -> list[os.DirEntry[str]]:
+    """Children of `path` (sorted by name: stable output), or [] with a warning when unlistable."""
     try:
         with os.scandir(path) as it:
-            return sorted(it, key=lambda e: e.name)
+            return sorted(it, key=lambda e: e.name) if sort else list(it)
     except PermissionError:
         logger.warning("skipping unreadable directory %s (permission denied)", path)
     except FileNotFoundError:
@@ -145,7 +146,7 @@ def detect_mode(root: Path) -> str:
     root = _check_root(root)
     if "torch_compile_cache" in root.parts or "torch_aot_compile" in root.parts:
         return "vllm"
-    children = _scandir(root)
+    children = _scandir(root, sort=False)
     names = {e.name for e in children}
     if any(m in names for m in _VLLM_MARKERS) or any(
         n.startswith(_ARTIFACT_PREFIX) for n in names
@@ -271,23 +272,27 @@ def _discover_vllm(root: Path) -> Iterator[TritonCacheDir | VllmArtifact]:
                     seen.add(cache)
                     yield TritonCacheDir(cache, "vllm", root, vllm_info_for(cache))
             continue
+        if in_inductor:
+            # Inside an Inductor cache only triton/ holds entries; the rest is generated code
+            # (often thousands of dirs), so look up that one name instead of listing.
+            triton = path / "triton"
+            try:
+                if stat.S_ISDIR(os.lstat(triton).st_mode):
+                    stack.append((triton, depth + 1, True))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                logger.warning("skipping %s: %s", triton, exc)
+            continue
         children = _scandir(path)
         subdirs: list[tuple[Path, int, bool]] = []
         in_rank = any(_RANK_RE.match(p) for p in path.parts)
         for entry in children:
-            child = Path(entry.path)
             if _is_dir(entry):
                 if entry.name in _INDUCTOR_NOISE or _looks_like_entry(entry):
                     continue
-                child_inductor = (
-                    in_inductor
-                    or entry.name == "inductor_cache"
-                    or entry.name.startswith(_ARTIFACT_PREFIX)
-                )
-                if in_inductor and entry.name != "triton":
-                    # Inside an Inductor cache only triton/ holds entries; the rest is generated code.
-                    continue
-                subdirs.append((child, depth + 1, child_inductor))
+                child_inductor = entry.name == "inductor_cache" or entry.name.startswith(_ARTIFACT_PREFIX)
+                subdirs.append((Path(entry.path), depth + 1, child_inductor))
             elif _is_file(entry):
                 kind = None
                 if entry.name.startswith(_ARTIFACT_PREFIX):
@@ -296,6 +301,7 @@ def _discover_vllm(root: Path) -> Iterator[TritonCacheDir | VllmArtifact]:
                     kind = ARTIFACT_AOT_MODEL
                 if kind is None:
                     continue
+                child = Path(entry.path)
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except OSError as exc:
