@@ -119,6 +119,7 @@ def test_credentials_never_logged_at_debug(
     assert caplog.records, "expected debug logging to be captured"
     basic = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
     assert PASSWORD not in caplog.text and basic not in caplog.text
+    assert "/blobs/uploads/" in caplog.text and "_state=" not in caplog.text  # upload state is redacted
     assert PASSWORD not in repr(opts) and PASSWORD not in repr(dest.client)
 
 

@@ -112,6 +112,24 @@ def _error_text(response: "requests.Response") -> str:
     return (response.reason or "").strip()
 
 
+class _RedactQueries(logging.Filter):
+    """Hides URL query strings in urllib3's debug lines: upload state and pre-signed
+    blob redirects (S3/GCS signatures) carry secrets there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(isinstance(a, str) and "?" in a for a in record.args):
+            record.args = tuple(
+                a.split("?", 1)[0] + "?<redacted>" if isinstance(a, str) and "?" in a else a for a in record.args
+            )
+        return True
+
+
+def _install_redaction() -> None:
+    target = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, _RedactQueries) for f in target.filters):
+        target.addFilter(_RedactQueries())
+
+
 def _path_of(url: str) -> str:
     """The URL's path only: upload locations carry opaque state in the query."""
     from urllib.parse import urlsplit
@@ -152,6 +170,7 @@ class RegistryClient:
             verify=self._verify,
         )
         self._base: str | None = None
+        _install_redaction()
         if not self._verify:
             import urllib3
 
