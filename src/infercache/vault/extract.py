@@ -58,6 +58,8 @@ class _CountingReader:
     def __init__(self, stream: BinaryIO, compressed_size: int, limits: ExtractLimits) -> None:
         self._stream = stream
         self._limit_ratio = max(limits.ratio_floor_bytes, int(limits.max_ratio * max(compressed_size, 1)))
+        #: the most decompressed bytes this layer may produce
+        self.limit = min(self._limit_ratio, limits.max_total_bytes)
         self._limits = limits
         self._compressed = compressed_size
         self.count = 0
@@ -171,6 +173,11 @@ def extract_layer(
             if member.isreg() and not member.issparse():
                 if member.size > limits.max_member_bytes:
                     raise UnsafeImageError(f"entry {rel} is {member.size} bytes, over the per-file limit")
+                if counting.count + member.size > counting.limit:  # refuse before writing a byte of it
+                    raise UnsafeImageError(
+                        f"entry {rel} declares {member.size} bytes, more than the layer may expand to "
+                        f"({counting.limit} bytes for {compressed_size} compressed): refused as a decompression bomb"
+                    )
                 _remove_existing(target)
                 _write_member(tar, member, target)
                 files.add(rel)
