@@ -239,3 +239,60 @@ def test_copy_entries_subset(sample_cache_master: Path, tmp_path: Path) -> None:
     n = copy_entries(sample_cache_master, tmp_path / "c", select=lambda e: entry_targets(e) == ("hip", "gfx942"))
     assert n == 6
     assert {entry_targets(e) for e in (tmp_path / "c").iterdir()} == {("hip", "gfx942")}
+
+
+@pytest.mark.parametrize(
+    ("builder", "inner", "mode"),
+    [
+        (make_vllm_new, "torch_compile_cache/e4d3c2b1a0/rank_0_0", "vllm"),  # prefix/cache_key_factors.json below
+        (make_vllm_new, "torch_compile_cache/e4d3c2b1a0/rank_0_0/backbone", "vllm"),
+        (make_vllm_aot, "torch_compile_cache/torch_aot_compile", "vllm"),
+        (make_vllm_legacy, "torch_compile_cache/0a1b2c3d4e/rank_0_0/triton_cache", "vllm"),
+    ],
+)
+def test_detect_mode_at_any_level(sample_cache_master: Path, tmp_path: Path, builder, inner: str, mode: str) -> None:
+    select = lambda e: entry_targets(e) == ("cuda", "80")  # noqa: E731
+    layout = builder(tmp_path / "vllm", sample_cache_master, select=select)
+    assert detect_mode(tmp_path / "vllm" / inner) == mode
+    dirs = _dirs(list(discover(tmp_path / "vllm" / inner)))
+    assert [d.path for d in dirs] == [p.resolve() for p in layout.triton_dirs]
+
+
+def test_inductor_detected_from_device_dirs_alone(sample_cache_master: Path, tmp_path: Path) -> None:
+    root = tmp_path / "ind"
+    copy_entries(sample_cache_master, root / "triton" / "3", select=lambda e: entry_targets(e) == ("cuda", "90"))
+    assert detect_mode(root) == "inductor"
+    assert [d.path for d in discover(root)] == [(root / "triton" / "3").resolve()]
+
+
+def test_empty_default_dirs_keep_their_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh vLLM root (no compile cache yet, other vLLM files) is not mistaken for a Triton cache."""
+    vllm_root = tmp_path / "vllm"
+    (vllm_root / "modelinfos").mkdir(parents=True)
+    (vllm_root / "usage_stats.json").write_text("{}")
+    inductor_root = tmp_path / "torchinductor_me"
+    inductor_root.mkdir()
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(vllm_root))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(inductor_root))
+    assert detect_mode(vllm_root) == "vllm"
+    assert list(discover(vllm_root)) == []
+    assert detect_mode(inductor_root) == "inductor"
+    monkeypatch.delenv("VLLM_CACHE_ROOT")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
+    assert detect_mode(vllm_root) == "triton"  # no longer the vLLM root, nothing says vLLM
+
+
+@pytest.mark.parametrize("depth", ["hash", "rank"])
+def test_detect_mode_outside_torch_compile_cache(sample_cache_master: Path, tmp_path: Path, depth: str) -> None:
+    """A vLLM hash or rank dir copied elsewhere (no torch_compile_cache in its path) is still vLLM."""
+    select = lambda e: entry_targets(e) == ("hip", "gfx90a")  # noqa: E731
+    make_vllm_new(tmp_path / "vllm", sample_cache_master, vllm_hash="1234567890", binary=1, select=select)
+    src = tmp_path / "vllm" / "torch_compile_cache" / "1234567890"
+    moved = tmp_path / "moved" / "1234567890"
+    moved.parent.mkdir()
+    src.rename(moved)
+    root = moved if depth == "hash" else moved / "rank_0_0"
+    assert detect_mode(root) == "vllm"
+    found = list(discover(root))
+    assert [d.vllm for d in _dirs(found)] == [VllmInfo("1234567890", "rank_0_0", "backbone")]
+    assert [a.vllm for a in _artifacts(found)] == [VllmInfo("1234567890", "rank_0_0", "backbone")]

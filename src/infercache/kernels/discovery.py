@@ -171,6 +171,14 @@ def detect_mode(root: Path) -> str:
             return "vllm"
         if depth < 3:
             queue.extend((Path(e.path), depth + 1) for e in sub if _is_dir(e) and not _looks_like_entry(e))
+    # Nothing on disk says which: an (empty) vLLM or Inductor default dir is still that kind of
+    # cache, and must not be treated as a Triton cache whose odd children are garbage to prune.
+    for mode, default in (("vllm", paths.vllm_cache_root), ("inductor", paths.inductor_cache_dir)):
+        try:
+            if default().resolve() == root:
+                return mode
+        except OSError:
+            continue
     return "triton"
 
 
