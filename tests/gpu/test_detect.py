@@ -10,6 +10,7 @@ keys as ROCm's binding), recorded ``amd-smi static --json`` / ``rocm-smi --json`
 from __future__ import annotations
 
 import ctypes.util
+import os
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,6 +30,7 @@ from infercache.gpu.detect import (
     max_ptx_for_cuda,
     parse_amd_smi_static,
     parse_rocm_smi,
+    run_tool,
 )
 from infercache.gpu.targets import GpuTarget
 
@@ -332,3 +334,25 @@ def test_tool_output_with_bracketed_warning_lines() -> None:
     assert len(parse_amd_smi_static(text)) == 2
     with pytest.raises(ValueError, match="no JSON"):
         parse_rocm_smi("ERROR: GPU[0] : Unable to get product name\n")
+
+
+def _script(bin_dir: Path, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+def test_tools_run_from_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real subprocess path: stand-in `amd-smi`/`rocm-smi` executables on PATH print recorded output."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _script(bin_dir, "amd-smi", f'[ "$1" = static ] || exit 3\ncat "{DATA / "amd_smi_static_mi300x.json"}"\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    sources = _sources(run=run_tool)
+    assert [(g.source, str(g.target)) for g in detect_gpus(sources)] == [("amd-smi", "hip:gfx942")] * 2
+
+    # amd-smi failing (no driver) → rocm-smi is asked next.
+    _script(bin_dir, "amd-smi", 'echo "AMDSMI_STATUS_DRIVER_NOT_LOADED" >&2\nexit 1\n')
+    _script(bin_dir, "rocm-smi", f'cat "{DATA / "rocm_smi_productname_mi210.txt"}"\n')
+    assert [(g.source, str(g.target)) for g in detect_gpus(sources)] == [("rocm-smi", "hip:gfx90a")] * 2
+    assert run_tool(["definitely-not-a-gpu-tool"]) is None
