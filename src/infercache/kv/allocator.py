@@ -6,11 +6,13 @@ the mapping), and a crash must be repairable from the entry table alone (so the 
 *derived*: `rebuild` recomputes it from the used extents).
 
 Free extents are kept in 32 x 8 size classes (first level: power of two, second level:
-eighths of it), each a doubly linked list threaded through per-block arrays; two bitmaps
+eighths of it), each a doubly linked list threaded through per-block tags; two bitmaps
 find the first non-empty class >= a request in O(1). Boundary tags at both ends of every
-free extent let `free` coalesce with its neighbours in O(1). Every per-block array uses
-0 for "nothing" (values are stored +1) so a freshly truncated, sparse file is a valid
-all-zero start and untouched pages of a huge pool are never written.
+free extent let `free` coalesce with its neighbours in O(1). Each block has 4 int32 tags
+(head length, tail -> start, next, prev), interleaved so one block's tags share a cache
+line: on a 64 GiB pool the tags span 256 MiB and separate arrays cost 2x in cache and
+TLB misses. Tags use 0 for "nothing" (values are stored +1) so a freshly truncated,
+sparse file is a valid all-zero start and untouched pages of a huge pool are never written.
 
 Hand-written because no maintained Python library keeps an allocator inside a shared
 mapping; the arithmetic is the classic TLSF scheme (Masmano et al., 2004).
@@ -53,26 +55,20 @@ def _lowbit(x: int) -> int:
 class Allocator:
     """alloc(n) -> first block or -1; free(start, n). Not thread-safe: callers hold the pool lock."""
 
-    __slots__ = ("_h", "_hl", "_tl", "_nx", "_pv", "n_blocks", "_arrays")
+    __slots__ = ("_h", "_m", "n_blocks")
 
     @staticmethod
     def metadata_bytes(n_blocks: int) -> int:
         """Bytes of shared state needed for `n_blocks` blocks (4 int32 arrays + header)."""
-        return A_HEADER_BYTES + 4 * _arr_bytes(n_blocks)
+        return A_HEADER_BYTES + _arr_bytes(16 * n_blocks)
 
     def __init__(self, buf: memoryview, n_blocks: int, *, init: bool = False) -> None:
         """Attach to the state in `buf` (writable, metadata_bytes long); `init` formats it empty."""
         if not 0 < n_blocks <= MAX_BLOCKS:
             raise ValueError(f"n_blocks must be in 1..{MAX_BLOCKS}, got {n_blocks}")
         self.n_blocks = n_blocks
-        size = _arr_bytes(n_blocks)
         self._h = buf[:A_HEADER_BYTES].cast("q")
-        base = A_HEADER_BYTES
-        arrays = []
-        for i in range(4):
-            arrays.append(buf[base + i * size : base + i * size + 4 * n_blocks].cast("i"))
-        self._arrays = arrays
-        self._hl, self._tl, self._nx, self._pv = arrays  # head length, tail -> start+1, next+1, prev+1
+        self._m = buf[A_HEADER_BYTES : A_HEADER_BYTES + 16 * n_blocks].cast("i")
         if init:
             for i in range(A_HEADER_WORDS):
                 self._h[i] = 0
@@ -82,9 +78,8 @@ class Allocator:
 
     def release(self) -> None:
         """Drop the views on the buffer so the mapping can be closed."""
-        for view in (self._h, *self._arrays):
-            view.release()
-        self._arrays = []
+        self._h.release()
+        self._m.release()
 
     @property
     def free_blocks(self) -> int:
@@ -96,23 +91,23 @@ class Allocator:
         h = self._h
         slot = A_HEADS + fl * SL_COUNT + sl
         head = h[slot]
-        self._nx[s] = head
-        self._pv[s] = 0
+        self._m[s * 4 + 2] = head
+        self._m[s * 4 + 3] = 0
         if head:
-            self._pv[head - 1] = s + 1
+            self._m[(head - 1) * 4 + 3] = s + 1
         h[slot] = s + 1
         h[A_SL_BITMAPS + fl] |= 1 << sl
         h[A_FL_BITMAP] |= 1 << fl
-        self._hl[s] = n
-        self._tl[s + n - 1] = s + 1
+        self._m[s * 4] = n
+        self._m[(s + n - 1) * 4 + 1] = s + 1
 
     def _remove(self, s: int, n: int) -> None:
         fl, sl = _mapping(n)
         h = self._h
-        p = self._pv[s]
-        x = self._nx[s]
+        p = self._m[s * 4 + 3]
+        x = self._m[s * 4 + 2]
         if p:
-            self._nx[p - 1] = x
+            self._m[(p - 1) * 4 + 2] = x
         else:
             slot = A_HEADS + fl * SL_COUNT + sl
             h[slot] = x
@@ -122,11 +117,11 @@ class Allocator:
                 if not bits:
                     h[A_FL_BITMAP] &= ~(1 << fl)
         if x:
-            self._pv[x - 1] = p
-        self._hl[s] = 0
-        self._tl[s + n - 1] = 0
-        self._nx[s] = 0
-        self._pv[s] = 0
+            self._m[(x - 1) * 4 + 3] = p
+        self._m[s * 4] = 0
+        self._m[(s + n - 1) * 4 + 1] = 0
+        self._m[s * 4 + 2] = 0
+        self._m[s * 4 + 3] = 0
 
     # ---------------------------------------------------------------- public
     def alloc(self, n: int) -> int:
@@ -152,7 +147,7 @@ class Allocator:
         return self._take(s, n)
 
     def _take(self, s: int, n: int) -> int:
-        length = self._hl[s]
+        length = self._m[s * 4]
         self._remove(s, length)
         if length > n:
             self._insert(s + n, length - n)
@@ -165,9 +160,9 @@ class Allocator:
         s = self._h[A_HEADS + fl * SL_COUNT + sl] - 1
         steps = 0
         while s >= 0 and steps < 64:
-            if self._hl[s] >= n:
+            if self._m[s * 4] >= n:
                 return self._take(s, n)
-            s = self._nx[s] - 1
+            s = self._m[s * 4 + 2] - 1
             steps += 1
         return -1
 
@@ -177,7 +172,7 @@ class Allocator:
             return
         self._h[A_FREE] += n
         if s > 0:
-            left = self._tl[s - 1]
+            left = self._m[(s - 1) * 4 + 1]
             if left:
                 ls = left - 1
                 self._remove(ls, s - ls)
@@ -185,7 +180,7 @@ class Allocator:
                 s = ls
         e = s + n
         if e < self.n_blocks:
-            rn = self._hl[e]
+            rn = self._m[e * 4]
             if rn:
                 self._remove(e, rn)
                 n += rn
@@ -202,8 +197,8 @@ class Allocator:
         best = 0
         steps = 0
         while s >= 0 and steps < 64:
-            best = max(best, self._hl[s])
-            s = self._nx[s] - 1
+            best = max(best, self._m[s * 4])
+            s = self._m[s * 4 + 2] - 1
             steps += 1
         return best
 
@@ -216,8 +211,8 @@ class Allocator:
             s = self._h[A_HEADS + c] - 1
             steps = 0
             while s >= 0 and steps < limit:
-                out.append((s, self._hl[s]))
-                s = self._nx[s] - 1
+                out.append((s, self._m[s * 4]))
+                s = self._m[s * 4 + 2] - 1
                 steps += 1
         return out
 
@@ -245,26 +240,27 @@ class Allocator:
                     problems.append(f"size class {fl}/{sl}: list broken at block {s}")
                     break
                 seen.add(s)
-                length = self._hl[s]
+                length = self._m[s * 4]
                 if length <= 0 or s + length > n_blocks:
                     problems.append(f"free extent at block {s} has bad length {length}")
                     break
                 if _mapping(length) != (fl, sl):
                     problems.append(f"free extent {s}+{length} filed in the wrong size class {fl}/{sl}")
-                if self._tl[s + length - 1] != s + 1:
+                if self._m[(s + length - 1) * 4 + 1] != s + 1:
                     problems.append(f"free extent {s}+{length}: end tag does not point back")
-                if self._pv[s] - 1 != prev:
-                    problems.append(f"free extent {s}: back link {self._pv[s] - 1} != {prev}")
+                if self._m[s * 4 + 3] - 1 != prev:
+                    problems.append(f"free extent {s}: back link {self._m[s * 4 + 3] - 1} != {prev}")
                 free.append((s, length))
                 prev = s
-                s = self._nx[s] - 1
+                s = self._m[s * 4 + 2] - 1
         for fl in range(FL_COUNT):
             if bool(h[A_FL_BITMAP] >> fl & 1) != bool(h[A_SL_BITMAPS + fl]):
                 problems.append(f"first-level bitmap bit {fl} disagrees with its classes")
-        heads = np.flatnonzero(np.frombuffer(self._hl, dtype=np.int32))
+        tags = np.frombuffer(self._m, dtype=np.int32).reshape(-1, 4)
+        heads = np.flatnonzero(tags[:, 0])
         if len(heads) != len(free):
             problems.append(f"{len(heads)} blocks carry a free-extent tag but the lists hold {len(free)} extents")
-        tails = np.flatnonzero(np.frombuffer(self._tl, dtype=np.int32))
+        tails = np.flatnonzero(tags[:, 1])
         if len(tails) != len(free):
             problems.append(f"{len(tails)} end tags but the lists hold {len(free)} extents")
         free_total = sum(length for _, length in free)
@@ -290,10 +286,10 @@ class Allocator:
         """Recompute everything from the used extents (which must not overlap)."""
         import numpy as np
 
-        for arr in self._arrays:
-            view = np.frombuffer(arr, dtype=np.int32)
-            nz = np.flatnonzero(view)  # zero only what is set: a sparse pool stays sparse
-            view[nz] = 0
+        view = np.frombuffer(self._m, dtype=np.int32)
+        nz = np.flatnonzero(view)  # zero only what is set: a sparse pool stays sparse
+        view[nz] = 0
+        del view
         h = self._h
         for i in range(A_HEADER_WORDS):
             h[i] = 0
@@ -313,5 +309,5 @@ class Allocator:
         h[A_FREE] = free_total
 
 
-def _arr_bytes(n_blocks: int) -> int:
-    return (4 * n_blocks + 4095) // 4096 * 4096
+def _arr_bytes(nbytes: int) -> int:
+    return (nbytes + 4095) // 4096 * 4096

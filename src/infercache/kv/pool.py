@@ -174,16 +174,28 @@ def _require_cuda_torch() -> None:
 
 
 def attached_pids(path: str | os.PathLike[str]) -> list[int]:
-    """Processes that have the pool's file mapped (from /proc/*/maps; others' processes may be hidden)."""
-    target = str(path)
+    """Processes that have the pool's file mapped, matched by device and inode in /proc/*/maps.
+
+    By inode because a pool is formatted under a temporary name and linked into place, so
+    maps may show the old name; other users' processes may be hidden from us.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    ino = str(st.st_ino)
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             with open(entry / "maps", "r", errors="replace") as handle:
-                if any(line.rstrip("\n").endswith(target) or target + " (deleted)" in line for line in handle):
-                    pids.append(int(entry.name))
+                for line in handle:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) >= 5 and fields[4] == ino and fields[3] == dev:
+                        pids.append(int(entry.name))
+                        break
         except OSError:
             continue
     return sorted(pids)
