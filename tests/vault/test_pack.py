@@ -13,9 +13,9 @@ import pytest
 
 from infercache.errors import BadInputError
 from infercache.kernels.triton_entry import TritonEntry, parse_entry
-from infercache.vault.image import load_image
+from infercache.vault.image import DOCKER_CONFIG, build_manifest, layer_media_type, load_image
 from infercache.vault.pack import pack
-from infercache.vault.transport import open_source
+from infercache.vault.transport import Descriptor, open_source
 from tests.vault.imagekit import read_layer
 
 
@@ -135,14 +135,19 @@ def test_compression_media_types_and_docker_format(sample_cache_master: Path, tm
     assert (Path(tmp_path / "z" / "blobs" / "sha256" / z.layer.digest[7:]).read_bytes()[:4]) == b"\x28\xb5\x2f\xfd"
     n = pack(sample_cache_master, f"oci:{tmp_path / 'n'}", compression="none")
     assert n.layer.media_type == "application/vnd.oci.image.layer.v1.tar" and n.layer.digest == n.diff_id
+    # Docker schema 2 documents, as pushed to docker:// (tests/registry pushes them for real).
+    config = Descriptor(DOCKER_CONFIG, "sha256:" + "1" * 64, 10)
+    layer = Descriptor(layer_media_type("docker", "gzip"), "sha256:" + "2" * 64, 20)
+    raw, media_type = build_manifest(config, [layer], "docker", {"org.opencontainers.image.title": "t"})
+    doc = json.loads(raw)
+    assert media_type == doc["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    assert doc["layers"][0]["mediaType"] == "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    assert "annotations" not in doc  # not part of Docker schema 2: pack carries them as labels instead
+    # An OCI layout only indexes OCI manifests (skopeo finds nothing else): docker format is converted.
     d = pack(sample_cache_master, f"oci:{tmp_path / 'd'}", fmt="docker")
-    manifest, config, labels = _image(f"oci:{tmp_path / 'd'}")
-    assert manifest["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
-    assert manifest["config"]["mediaType"] == "application/vnd.docker.container.image.v1+json"
-    assert manifest["layers"][0]["mediaType"] == "application/vnd.docker.image.rootfs.diff.tar.gzip"
-    assert "annotations" not in manifest  # not part of Docker schema 2: carried as labels instead
-    assert labels["org.opencontainers.image.title"] == "triton kernel cache"
-    assert d.entries == 24
+    manifest, _, labels = _image(f"oci:{tmp_path / 'd'}")
+    assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json" and d.entries == 24
+    assert labels["model.cache.image/entry-count"] == "24"
     with pytest.raises(BadInputError, match="gzip only"):
         pack(sample_cache_master, f"oci:{tmp_path / 'dz'}", fmt="docker", compression="zstd")
     assert not (tmp_path / "dz").exists()

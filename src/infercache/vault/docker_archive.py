@@ -45,6 +45,16 @@ _CHUNK = 1 << 20
 _CONFIG_TYPES = (OCI_CONFIG, DOCKER_CONFIG)
 
 
+def _normal_tag(tag: str) -> str:
+    """`docker.io/library/x:t` and `x:t` name the same image (skopeo writes the long form)."""
+    for prefix in ("docker.io/", "index.docker.io/"):
+        if tag.startswith(prefix):
+            tag = tag[len(prefix):]
+    if tag.startswith("library/"):
+        tag = tag[len("library/"):]
+    return tag
+
+
 def _repo_tag(reference: ImageReference) -> str | None:
     """`name:tag` from the reference (`name` alone gets `:latest`), or None when absent."""
     if not reference.tag:
@@ -109,7 +119,8 @@ class DockerArchiveSource:
             raise BadInputError(f"{self.reference}: manifest.json holds no image")
         wanted = _repo_tag(self.reference)
         if wanted:
-            chosen = [e for e in entries if wanted in (e.get("RepoTags") or [])]
+            chosen = [e for e in entries
+                      if _normal_tag(wanted) in {_normal_tag(str(t)) for t in (e.get("RepoTags") or [])}]
             if not chosen:
                 raise BadInputError(f"{self.reference}: no image named {wanted}")
             entry = chosen[0]

@@ -445,6 +445,12 @@ def pack(
         raise BadInputError(f"bad --compression {compression!r}: choose {', '.join(COMPRESSIONS)}")
     layer_type = layer_media_type(fmt, compression)  # docker + zstd → BadInputError before any work
     ref = ImageReference.parse(reference) if isinstance(reference, str) else reference
+    if fmt == "docker" and ref.transport in ("oci", "oci-archive"):
+        # OCI layouts index OCI manifests only (skopeo finds nothing else): convert, as skopeo does.
+        logger.warning("%s holds OCI manifests only; writing OCI media types (docker format applies to "
+                       "docker-archive: and docker://)", ref.transport)
+        fmt = "oci"
+        layer_type = layer_media_type(fmt, compression)
     plan = plan_pack(cache_dir, mode)
     epoch = source_date_epoch()
     mtime = epoch if epoch is not None else 0
