@@ -956,6 +956,11 @@ class Pool:
             "priority": self._ts[w + E_PRIORITY],
             "pins": tq[w + E_PINS],
             "has_prefix": bool(flags & F_HAS_PREFIX),
+            **(
+                {"queue": "main" if flags & F_S3_MAIN else "small", "freq": (flags & F_S3_FREQ_MASK) >> F_S3_FREQ_SHIFT}
+                if self._s3
+                else {}
+            ),
         }
 
     def keys(self) -> list[str | bytes]:
