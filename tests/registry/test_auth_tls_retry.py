@@ -144,12 +144,31 @@ def test_no_tls_verify_and_ca_bundle(tls_registry: Registry, tmp_path: Path, mon
     assert manifest["schemaVersion"] == 2
 
 
-def test_plain_http_only_on_loopback_or_when_allowed() -> None:
-    """A non-loopback host that does not speak HTTPS is refused unless TLS verify is off."""
-    src = RegistrySource(ImageReference.parse("docker://203.0.113.1:1/x/y:z"),
-                         retry=RetryPolicy(attempts=1), timeout=(0.5, 0.5))
-    with pytest.raises(RegistryError, match="--no-tls-verify"):
+def test_plain_http_only_on_loopback_or_when_allowed(registry: Registry, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Were the plain-HTTP registry not on loopback, default settings would refuse it."""
+    import infercache.vault.registry as reg
+
+    monkeypatch.setattr(reg, "_is_loopback", lambda host: False)
+    layout = make_tiny_layout(tmp_path / "img")
+    with pytest.raises(RegistryError, match="does not speak HTTPS.*--no-tls-verify"):
+        push_layout(layout, "v1", registry.ref("tls/plain", "v1"))
+    dest, _ = push_layout(layout, "v1", registry.ref("tls/plain", "v1"), options=RegistryOptions(tls_verify=False))
+    assert dest.client.base_url().startswith("http://")
+
+
+def test_unreachable_registry_is_retried_then_reported() -> None:
+    src = RegistrySource(ImageReference.parse(f"docker://127.0.0.1:{_closed_port()}/x/y:z"),
+                         retry=RetryPolicy(attempts=2, backoff_s=0.01))
+    with pytest.raises(RegistryError, match="after 2 attempts.*cannot connect"):
         src.get_manifest()
+    assert src.client.stats.retries == 1
+
+
+def _closed_port() -> int:
+    from tests.registry.conftest import free_port
+
+    return free_port()  # nothing listens there once the probe socket is closed
 
 
 # -- retries ----------------------------------------------------------------------
@@ -224,3 +243,23 @@ def test_bearer_token_flow(token_registry: tuple[Registry, object], tmp_path: Pa
     with pytest.raises(AuthenticationError, match="failed as user"):
         RegistrySource(ImageReference.parse(reg.ref("tok/img", "v1")),
                        RegistryOptions(creds=f"{USER}:nope")).get_manifest()
+
+
+def test_credential_helper(auth_registry: Registry, tmp_path: Path, no_ambient_auth: Path,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """credHelpers in an auth file: `docker-credential-NAME get` is asked (a stand-in helper script,
+    as no real credential store runs here)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    helper = bin_dir / "docker-credential-infercachetest"
+    helper.write_text("#!/bin/sh\nread host\n"
+                      f"[ \"$host\" = \"{auth_registry.host}\" ] || exit 1\n"
+                      f"printf '{{\"ServerURL\":\"%s\",\"Username\":\"{USER}\",\"Secret\":\"{PASSWORD}\"}}' \"$host\"\n")
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    authfile = tmp_path / "auth.json"
+    authfile.write_text(json.dumps({"auths": {}, "credHelpers": {auth_registry.host: "infercachetest"}}))
+    creds = lookup_credentials(auth_registry.host, authfile=authfile)
+    assert creds is not None and creds.username == USER and "docker-credential-infercachetest" in creds.source
+    layout = make_tiny_layout(tmp_path / "img")
+    push_layout(layout, "v1", auth_registry.ref("auth/helper", "v1"), options=RegistryOptions(authfile=authfile))

@@ -216,10 +216,12 @@ class RegistryClient:
         except requests.exceptions.ConnectionError as exc:
             https_error = exc
         if self._verify and not _is_loopback(self.host):
-            raise RegistryError(
-                f"cannot reach https://{self.host}/v2/ ({type(https_error).__name__}); use --no-tls-verify "
-                "to allow plain HTTP to this registry"
-            )
+            if isinstance(https_error, requests.exceptions.SSLError):
+                raise RegistryError(
+                    f"{self.host} does not speak HTTPS ({type(https_error).__name__}); use --no-tls-verify "
+                    "to allow plain HTTP to this registry"
+                )
+            raise _Retryable(f"cannot connect to https://{self.host}: {type(https_error).__name__}")
         try:
             reply = self._session.get(f"http://{self.host}/v2/", timeout=self.timeout, auth=_NO_NETRC)
         except requests.exceptions.ConnectionError as exc:
