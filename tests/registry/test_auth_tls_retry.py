@@ -263,3 +263,20 @@ def test_credential_helper(auth_registry: Registry, tmp_path: Path, no_ambient_a
     assert creds is not None and creds.username == USER and "docker-credential-infercachetest" in creds.source
     layout = make_tiny_layout(tmp_path / "img")
     push_layout(layout, "v1", auth_registry.ref("auth/helper", "v1"), options=RegistryOptions(authfile=authfile))
+
+
+def test_cut_manifest_is_refetched(registry: Registry, tmp_path: Path) -> None:
+    layout = make_tiny_layout(tmp_path / "img")
+    _dest, digest = push_layout(layout, "v1", registry.ref("retry/cutman", "v1"))
+    cut: list[int] = []
+
+    def rule(method: str, path: str, _n: int) -> str | None:
+        if method == "GET" and "/manifests/" in path and not cut:
+            cut.append(1)
+            return "cut"
+        return None
+
+    with FaultyProxy(registry.host, rule) as proxy:
+        src = RegistrySource(ImageReference.parse(f"docker://{proxy.host}/retry/cutman:v1"), retry=FAST)
+        src.get_manifest()
+    assert proxy.count("cut") == 1 and src.digest == digest and src.client.stats.retries == 1

@@ -377,7 +377,10 @@ class RegistryClient:
                     return []
                 if reply.status_code != 200:
                     raise self._fail("GET tags", reply)
-                return list(reply.json().get("tags") or [])
+                try:
+                    return list(json.loads(_read_limited(reply, MAX_MANIFEST_BYTES, "tag list")).get("tags") or [])
+                except (ValueError, AttributeError):
+                    raise RegistryError("registry returned a tag list that is not JSON") from None
 
         return self._with_retries("GET tags", attempt)
 
@@ -479,13 +482,19 @@ def _version() -> str:
 
 
 def _read_limited(reply: "requests.Response", limit: int, what: str) -> bytes:
+    """The whole (small) body, capped; a connection dropped mid-body is worth a retry."""
+    import requests
+
     chunks: list[bytes] = []
     total = 0
-    for chunk in reply.iter_content(64 << 10):
-        total += len(chunk)
-        if total > limit:
-            raise RegistryError(f"{what} is larger than {limit} bytes; refusing it")
-        chunks.append(chunk)
+    try:
+        for chunk in reply.iter_content(64 << 10):
+            total += len(chunk)
+            if total > limit:
+                raise RegistryError(f"{what} is larger than {limit} bytes; refusing it")
+            chunks.append(chunk)
+    except requests.exceptions.RequestException as exc:
+        raise _Retryable(f"reading {what} failed ({type(exc).__name__})") from None
     return b"".join(chunks)
 
 
