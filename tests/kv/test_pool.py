@@ -1,0 +1,328 @@
+"""Pool basics in one process (plus simple attach-from-another-process checks): values, keys,
+views, prefixes, registry, permissions and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infercache.errors import BadInputError, InfercacheError
+from infercache.kv import Pool
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _py(code: str) -> str:
+    """Run `code` in a fresh interpreter (same env: same data dir) and return its stdout."""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=os.environ.copy())  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_put_get_roundtrip_bytes_and_kinds(make_pool) -> None:
+    pool = make_pool(size="4M")
+    payloads = {
+        "empty": b"",
+        "one": b"x",
+        "block": b"b" * 4096,
+        "odd": bytes(range(256)) * 37,
+        b"\x00raw-key": b"bytes key",
+    }
+    for key, value in payloads.items():
+        assert pool.put(key, value)
+    assert pool.put("bytearray", bytearray(b"abc"))
+    assert pool.put("memoryview", memoryview(b"0123456789")[2:7])
+    for key, value in payloads.items():
+        assert pool.get(key) == value
+    assert pool.get("bytearray") == b"abc"
+    assert pool.get("memoryview") == b"23456"
+    assert pool.get("absent") is None
+    assert pool.contains("one") and not pool.contains("absent")
+    assert set(pool.keys()) == {"empty", "one", "block", "odd", b"\x00raw-key", "bytearray", "memoryview"}
+    stats = pool.stats()
+    assert stats["entries"] == 7 and stats["misses"] == 1 and stats["hits"] == 7
+    assert stats["bytes_in"] == sum(map(len, payloads.values())) + 3 + 5
+    assert stats["bytes_out"] == stats["bytes_in"]
+
+
+def test_replace_and_delete(make_pool) -> None:
+    pool = make_pool(size="1M")
+    assert pool.put("k", b"first" * 1000)
+    used = pool.stats()["used_bytes"]
+    assert pool.put("k", b"second")
+    assert pool.get("k") == b"second"
+    assert pool.stats()["entries"] == 1 and pool.stats()["used_bytes"] < used
+    assert pool.delete("k") and not pool.delete("k")
+    assert pool.get("k") is None
+    assert pool.stats()["used_bytes"] == 0 and pool.stats()["entries"] == 0
+
+
+def test_numpy_values_and_get_array(make_pool) -> None:
+    pool = make_pool(size="8M")
+    kv = np.random.default_rng(1).standard_normal((2, 4, 16, 64)).astype(np.float16)
+    assert pool.put("kv", kv)
+    back = pool.get_array("kv", np.float16, kv.shape)
+    assert back.dtype == np.float16 and back.shape == kv.shape and np.array_equal(back, kv)
+    back[0, 0, 0, 0] = 42  # a copy: the pool is untouched
+    assert np.array_equal(pool.get_array("kv", "float16", kv.shape), kv)
+    strided = np.arange(100, dtype=np.int64)[::3]  # not contiguous: copied first
+    assert pool.put("strided", strided)
+    assert np.array_equal(pool.get_array("strided", np.int64), strided)
+    with pytest.raises(BadInputError, match="shape"):
+        pool.get_array("kv", np.float16, (3, 3))
+    assert pool.get_array("absent", np.float32, (1,)) is None
+    out = np.empty(kv.nbytes, dtype=np.uint8)
+    assert pool.get_into("kv", out) == kv.nbytes
+    assert out.tobytes() == kv.tobytes()
+
+
+def test_large_values_copied_outside_the_lock_roundtrip(make_pool) -> None:
+    pool = make_pool(size="64M")
+    big = np.random.default_rng(2).integers(0, 255, size=(20 << 20), dtype=np.uint8)
+    assert pool.put("big", big)
+    assert pool.get("big") == big.tobytes()
+    with pool.view("big") as view:
+        assert view.readonly and len(view) == big.nbytes
+        assert np.array_equal(np.frombuffer(view, dtype=np.uint8), big)
+    assert pool.check().ok
+
+
+def test_view_lifetime_and_reentry(make_pool) -> None:
+    pool = make_pool(size="1M")
+    pool.put("k", b"hello world")
+    with pool.view("k") as view:
+        assert bytes(view) == b"hello world"
+        with pytest.raises(InfercacheError, match="view"):
+            pool.get("k")  # same thread, lock held: a clear error, never a deadlock
+        kept = view
+    with pytest.raises(ValueError):
+        bytes(kept)  # released when the block ended
+    with pool.view("absent") as view:
+        assert view is None
+    assert pool.get("k") == b"hello world"
+
+
+def test_prefix_tags(make_pool) -> None:
+    pool = make_pool(size="1M")
+    parent = "a3f9" * 8
+    for i in range(3):
+        assert pool.put(f"chunk{i}", b"c" * 10, prefix=parent)
+    assert pool.put("other", b"o", prefix="different")
+    assert pool.put("int-tagged", b"i", prefix=12345)
+    assert pool.put("untagged", b"u")
+    assert pool.find_by_prefix(parent) == ["chunk0", "chunk1", "chunk2"]
+    assert pool.find_by_prefix(12345) == ["int-tagged"]
+    assert pool.find_by_prefix("12345") == []  # str and int tags are distinct
+    assert pool.find_by_prefix("nothing") == []
+    pool.delete("chunk1")
+    assert pool.find_by_prefix(parent) == ["chunk0", "chunk2"]
+
+
+def test_pool_file_and_registry_are_private_and_outlive_the_creator(make_pool, data_dir: Path) -> None:
+    pool = make_pool(size="1M")
+    assert str(pool.path).startswith("/dev/shm/")
+    assert stat.S_IMODE(os.stat(pool.path).st_mode) == 0o600
+    registry = data_dir / "kv-pools.json"
+    assert stat.S_IMODE(registry.stat().st_mode) == 0o600
+    assert json.loads(registry.read_text())["pools"][pool.name]["path"] == str(pool.path)
+    # a separate process creates, writes and exits; the pool stays
+    name = pool.name + "-child"
+    _py(
+        "from infercache.kv import Pool\n"
+        f"p = Pool.create({name!r}, size='1M')\n"
+        "assert p.put('from-child', b'child data', priority=3)\n"
+        "p.close()\n"
+    )
+    other = Pool.open(name)
+    try:
+        assert other.get("from-child") == b"child data"
+        assert other.info("from-child")["priority"] == 3
+    finally:
+        other.close()
+        Pool.destroy(name)
+    assert name not in json.loads(registry.read_text())["pools"]
+
+
+def test_two_processes_see_each_others_writes(make_pool) -> None:
+    pool = make_pool(size="4M", policy="lfu")
+    pool.put("parent", b"p" * 5000)
+    out = _py(
+        "import json\nfrom infercache.kv import Pool\n"
+        f"p = Pool.open({pool.name!r})\n"
+        "got = p.get('parent')\n"
+        "assert p.put('child', b'c' * 7000)\n"
+        "print(json.dumps({'len': len(got), 'stats': p.stats()}))\n"
+        "p.close()\n"
+    )
+    result = json.loads(out)
+    assert result["len"] == 5000
+    assert result["stats"]["policy"] == "lfu"
+    assert pool.get("child") == b"c" * 7000
+    stats = pool.stats()
+    assert stats["hits"] == 2 and stats["entries"] == 2  # counters live in the pool
+
+
+def test_forked_child_uses_its_own_lock(make_pool) -> None:
+    pool = make_pool(size="1M")
+    pool.put("before", b"1")
+    pid = os.fork()
+    if pid == 0:  # child: must not share the parent's flock handle
+        try:
+            ok = pool.put("from-fork", b"2") and pool.get("before") == b"1"
+            os._exit(0 if ok else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    assert pool.get("from-fork") == b"2"
+
+
+def test_list_pools_and_stale_entries(make_pool, data_dir: Path) -> None:
+    a = make_pool(size="1M")
+    b = make_pool(size="2M", policy="fifo")
+    a.put("x", b"123")
+    rows = {row["name"]: row for row in Pool.list_pools()}
+    assert set(rows) == {a.name, b.name}
+    assert rows[a.name]["entries"] == 1 and rows[b.name]["policy"] == "fifo"
+    assert os.getpid() in rows[a.name]["attached"]
+    for key in ("name", "tier", "size_bytes", "used_bytes", "free_bytes", "utilization", "entries", "policy",
+                "hits", "misses", "evictions", "bytes_in", "bytes_out", "path", "block_size", "capacity_entries"):
+        assert key in rows[a.name]
+    # the backing file vanishes behind our back (e.g. a reboot cleared /dev/shm)
+    b.close()
+    os.unlink(b.path)
+    assert [row["name"] for row in Pool.list_pools()] == [a.name]
+    with pytest.raises(BadInputError, match="gone"):
+        Pool.open(b.name)
+    # the name is free again for a new pool
+    again = make_pool(name=b.name, size="1M")
+    assert again.stats()["entries"] == 0
+
+
+def test_destroy_refuses_foreign_file(data_dir: Path, tmp_path: Path) -> None:
+    from infercache.kv import registry
+
+    foreign = tmp_path / "precious.bin"
+    foreign.write_bytes(b"not a pool" * 10)
+    registry.add(data_dir, "fake", {"path": str(foreign), "tier": "disk"})
+    with pytest.raises(InfercacheError, match="not an infercache pool"):
+        Pool.destroy("fake")
+    assert foreign.read_bytes() == b"not a pool" * 10
+    with pytest.raises(BadInputError):
+        Pool.open("fake")
+
+
+def test_disk_tier(make_pool, tmp_path: Path) -> None:
+    backing = tmp_path / "pool.bin"
+    pool = make_pool(size="2M", tier="disk", path=backing)
+    assert pool.tier == "disk" and pool.path == backing
+    assert stat.S_IMODE(backing.stat().st_mode) == 0o600
+    pool.put("k", b"on disk")
+    pool.close()
+    again = Pool.open(pool.name)
+    assert again.get("k") == b"on disk"
+    again.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"size": "12Q"}, "12Q"),
+        ({"size": "lots"}, "lots"),
+        ({"size": 0}, "size"),
+        ({"size": "8M", "policy": "random-walk"}, "random-walk"),
+        ({"size": "8M", "tier": "tape"}, "tape"),
+        ({"size": "8M", "block_size": "3K"}, "block size"),
+        ({"size": "8M", "block_size": "huge"}, "huge"),
+        ({"size": "8M", "tier": "disk"}, "path"),
+        ({"size": "8M", "path": "/tmp/x"}, "tier disk"),
+        ({"size": "1K", "block_size": "4K"}, "one block"),
+    ],
+)
+def test_create_bad_input(data_dir: Path, kwargs: dict, needle: str) -> None:
+    with pytest.raises(BadInputError, match=needle):
+        Pool.create("t-bad-input", **kwargs)
+    assert Pool.list_pools() == []
+    assert not any("t-bad-input" in p.name for p in Path("/dev/shm").iterdir())
+
+
+@pytest.mark.parametrize("name", ["", "../escape", "a/b", ".hidden", "x" * 200, "sp ace"])
+def test_bad_names(data_dir: Path, name: str) -> None:
+    with pytest.raises(BadInputError, match="name"):
+        Pool.create(name, size="1M")
+
+
+def test_size_larger_than_dev_shm_free_space(data_dir: Path) -> None:
+    st = os.statvfs("/dev/shm")
+    free = st.f_bavail * st.f_frsize
+    with pytest.raises(BadInputError) as info:
+        Pool.create("t-too-big", size=free + (1 << 30))
+    message = str(info.value)
+    assert "/dev/shm" in message and re.search(r"\d{6,} bytes", message)  # the numbers, not just words
+    assert not any("t-too-big" in p.name for p in Path("/dev/shm").iterdir())
+    assert Pool.list_pools() == []
+
+
+def test_name_used_is_refused_and_existing_pool_untouched(make_pool) -> None:
+    pool = make_pool(size="1M")
+    pool.put("keep", b"me")
+    with pytest.raises(BadInputError, match="already"):
+        Pool.create(pool.name, size="2M")
+    assert pool.stats()["size_bytes"] == 1 << 20 and pool.get("keep") == b"me"
+
+
+def test_gpu_tier_without_cuda_torch(data_dir: Path) -> None:
+    """No CUDA-capable torch on this machine: refused, saying why."""
+    with pytest.raises(BadInputError, match="torch|CUDA"):
+        Pool.create("t-gpu", size="1M", tier="gpu")
+    assert Pool.list_pools() == []
+
+
+def test_bad_keys_values_and_options(make_pool) -> None:
+    pool = make_pool(size="64K", block_size="1K")
+    with pytest.raises(BadInputError, match="128"):
+        pool.put("k" * 129, b"x")
+    with pytest.raises(BadInputError):
+        pool.put("", b"x")
+    with pytest.raises(BadInputError):
+        pool.put(42, b"x")  # type: ignore[arg-type]
+    with pytest.raises(BadInputError):
+        pool.put("k", object())
+    with pytest.raises(BadInputError, match="larger than pool"):
+        pool.put("k", bytes(65 * 1024))
+    with pytest.raises(BadInputError, match="ttl"):
+        pool.put("k", b"x", ttl=0)
+    with pytest.raises(BadInputError):
+        pool.put("k", b"x", ttl="soon")
+    assert pool.put("k", b"x", ttl="2h")
+    assert 7000 < pool.info("k")["expires"] - pool.info("k")["created"] <= 7200
+    assert pool.stats()["entries"] == 1
+    with pytest.raises(BadInputError, match="unknown pool"):
+        Pool.open("t-never-made")
+
+
+def test_closed_pool_refuses_calls(make_pool) -> None:
+    pool = make_pool(size="1M")
+    pool.close()
+    pool.close()  # idempotent
+    with pytest.raises(InfercacheError, match="closed"):
+        pool.get("k")
+
+
+def test_table_capacity_limits_entries_and_evicts(make_pool) -> None:
+    pool = make_pool(size="64K", block_size="64")  # 1024 blocks -> 1024 entries
+    cap = pool.stats()["capacity_entries"]
+    for i in range(cap + 50):
+        assert pool.put(f"k{i}", b"")  # zero-size values take a slot and no blocks
+    assert pool.stats()["entries"] == cap
+    assert pool.stats()["evictions"] == 50
+    assert pool.check().ok
