@@ -107,7 +107,7 @@ def _error_text(response: "requests.Response") -> str:
         parts = [f"{e.get('code', '')}: {e.get('message', '')}".strip(": ") for e in errors if isinstance(e, dict)]
         if parts:
             return "; ".join(parts)[:300]
-    except (ValueError, AttributeError):
+    except Exception:  # noqa: BLE001 - an unreadable error body must not hide the status
         pass
     return (response.reason or "").strip()
 
@@ -361,8 +361,8 @@ class RegistryClient:
                 reply.close()
                 raise RegistryError(f"blob {descriptor.digest} not found in {self.reference.repository}")
             if reply.status_code not in (200, 206):
-                reply.close()
-                raise self._fail(f"GET blob {descriptor.digest}", reply)
+                with reply:
+                    raise self._fail(f"GET blob {descriptor.digest}", reply)
             return reply
 
         return self._with_retries(f"GET blob {descriptor.digest}", attempt)
