@@ -673,8 +673,8 @@ class Pool:
             if seconds <= 0:
                 raise BadInputError(f"ttl must be positive, got {ttl!r}")
             expiry = time.time() + seconds
-        if not isinstance(priority, int):
-            raise BadInputError(f"priority must be an int, got {priority!r}")
+        if not isinstance(priority, int) or not -(1 << 63) <= priority < 1 << 63:
+            raise BadInputError(f"priority must be a 64-bit int, got {priority!r}")
         prefix_hash = 0
         if prefix is not None:
             prefix_hash = _prefix_hash(prefix)
@@ -1184,6 +1184,8 @@ class Pool:
                 kb = self._key_of(e)
                 if not kb or _key_hash(kb) != tq[w + E_HASH]:
                     reason = "key hash mismatch"
+                elif _checksum(tq[w + E_HASH], size, self._data(e)) != tq[w + E_CHECK] & _LOW32:
+                    reason = "checksum mismatch: record or data damaged"
             if reason:
                 tq[w + E_STATE] = ((tq[w + E_STATE] >> 8) + 1) << 8 | ST_FREE
                 done.append(f"dropped entry {e} ({reason})")
