@@ -10,7 +10,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import socket
 import ssl
 import subprocess

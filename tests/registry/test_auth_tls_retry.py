@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from infercache.vault.auth import AuthenticationError, lookup_credentials
-from infercache.vault.registry import RegistryDestination, RegistryError, RegistrySource, RetryPolicy
+from infercache.vault.registry import RegistryError, RegistrySource, RetryPolicy
 from infercache.vault.transport import ImageReference, RegistryOptions
 from tests.registry.conftest import PASSWORD, USER, Registry, make_tiny_layout, skopeo
 from tests.registry.proxy import FaultyProxy

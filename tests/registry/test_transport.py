@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 from pathlib import Path
 
 import pytest
 
 from infercache.errors import InfercacheError
 from infercache.vault.registry import (
-    OCI_INDEX, RegistryDestination, RegistryError, RegistrySource, RetryPolicy,
+    OCI_INDEX, RegistryDestination, RegistryError, RegistrySource,
 )
-from infercache.vault.transport import Descriptor, ImageReference, RegistryOptions
+from infercache.vault.transport import Descriptor, ImageReference
 from tests.registry.conftest import Registry, make_tiny_layout, skopeo
 
-FAST = RetryPolicy(attempts=3, backoff_s=0.01)
 
 
 def push_layout(layout: Path, tag: str, ref: str, **kw: object) -> tuple[RegistryDestination, str]:
