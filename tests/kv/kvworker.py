@@ -11,6 +11,7 @@ sha256(payload) | payload, where the payload comes from a generator seeded by
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,12 +26,18 @@ _HEAD = struct.Struct("<4sH")
 _TAIL = struct.Struct("<HII32s")
 
 
-def payload_for(key: str, writer: int, generation: int, length: int) -> bytes:
-    """Deterministic pseudo-random bytes: the same (key, writer, generation) gives the same payload."""
+@functools.lru_cache(maxsize=32)
+def payload_for(writer: int, generation: int, length: int) -> tuple[bytes, bytes]:
+    """(payload, sha256): deterministic pseudo-random bytes for (writer, generation, length).
+
+    Cached, so a streaming writer spends its time in `put`, not in making values; the key
+    is in the value's header, so two keys sharing a payload still cannot be mixed up.
+    """
     import numpy as np
 
-    seed = zlib.crc32(f"{key}|{writer}|{generation}".encode())
-    return np.random.default_rng(seed).integers(0, 256, size=length, dtype=np.uint8).tobytes()
+    seed = zlib.crc32(f"{writer}|{generation}|{length}".encode())
+    payload = np.random.default_rng(seed).integers(0, 256, size=length, dtype=np.uint8).tobytes()
+    return payload, hashlib.sha256(payload).digest()
 
 
 def length_for(key: str, small: int, large: int) -> int:
@@ -39,14 +46,9 @@ def length_for(key: str, small: int, large: int) -> int:
 
 
 def make_value(key: str, writer: int, generation: int, length: int) -> bytes:
-    payload = payload_for(key, writer, generation, length)
+    payload, digest = payload_for(writer, generation, length)
     kb = key.encode()
-    return (
-        _HEAD.pack(MAGIC, len(kb))
-        + kb
-        + _TAIL.pack(writer, generation, len(payload), hashlib.sha256(payload).digest())
-        + payload
-    )
+    return _HEAD.pack(MAGIC, len(kb)) + kb + _TAIL.pack(writer, generation, len(payload), digest) + payload
 
 
 def verify_value(key: str, value: bytes | memoryview) -> tuple[int, int]:
@@ -61,7 +63,7 @@ def verify_value(key: str, value: bytes | memoryview) -> tuple[int, int]:
     payload = value[off + _TAIL.size :]
     assert len(payload) == plen, f"{key}: payload {len(payload)} bytes, header says {plen}"
     assert hashlib.sha256(payload).digest() == digest, f"{key}: checksum mismatch (torn value?)"
-    assert payload == payload_for(key, writer, generation, plen), f"{key}: payload differs from its seed"
+    assert payload == payload_for(writer, generation, plen)[0], f"{key}: payload differs from its seed"
     return writer, generation
 
 
@@ -131,16 +133,22 @@ def reader(name: str, reader_id: int, keys: list[str], stop_file: str, min_hits:
 
 
 def stream(name: str, writer_id: int, small: int, large: int, limit: int) -> None:
-    """Put distinct keys forever (until killed or `limit`), announcing each completed put.
+    """Put distinct keys until killed (or `limit`), announcing each put's start and end.
 
-    The parent SIGKILLs this process at an arbitrary moment; every key announced as done
-    must stay readable and intact, the one in flight may be missing but never torn.
+    The parent SIGKILLs this process at an arbitrary moment, usually inside a put; every
+    key announced as done must stay readable and intact, the one in flight may be missing
+    but never torn. Four value lengths between `small` and `large`, payloads cached.
     """
     pool = _open(name)
+    lengths = [small, (small + large) // 2 + 7, large, small + 4093]
+    for length in lengths:
+        payload_for(writer_id, 0, length)
     _emit({"ready": True})
     for i in range(limit):
         key = f"s{writer_id}-k{i}"
-        ok = pool.put(key, make_value(key, writer_id, 0, length_for(key, small, large)))
+        value = make_value(key, writer_id, 0, lengths[i % 4])
+        _emit({"start": key})
+        ok = pool.put(key, value)
         _emit({"done": key, "ok": bool(ok)})
     pool.close()
 

@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -102,54 +103,74 @@ def test_two_writers_two_readers_every_value_verified(pool_name: str, tmp_path: 
         pool.close()
 
 
-def _read_done_keys(proc: subprocess.Popen[str]) -> list[str]:
-    out, _err = proc.communicate(timeout=WORKER_TIMEOUT)
+def _done_keys(lines: list[str]) -> list[str]:
+    """Keys the victim announced as put, from its stdout lines (the last may be cut by the kill)."""
     done = []
-    for line in out.splitlines():
+    for line in lines:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            break  # a line cut by the kill
+            break
         if "done" in record:
             assert record["ok"], f"put of {record['done']} failed in a pool with room"
             done.append(record["done"])
     return done
 
 
-def test_sigkill_writer_mid_stream_leaves_consistent_pool(pool_name: str, tmp_path: Path) -> None:
-    """Kill a writer streaming 0.1-1.5 MiB puts at arbitrary moments, several times.
+def _kill_during_put(pool_name: str, victim: int, small: int, large: int, after: int, delay: float) -> list[str]:
+    """Start a streaming writer, let `after` puts complete, SIGKILL it `delay` s into the next one.
+
+    Returns the keys it announced as done. time.sleep here is not an assertion: it only
+    picks an instant inside a put (a 32 MiB put takes milliseconds).
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.kv.kvworker", "stream", pool_name, str(victim), str(small), str(large), "10000"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        lines = [proc.stdout.readline()]  # {"ready": true}: attached, values made
+        assert json.loads(lines[0])["ready"], lines[0]
+        starts = 0
+        while starts <= after:  # the (after+1)-th "start" line: that put is under way
+            lines.append(proc.stdout.readline())
+            starts += '"start"' in lines[-1]
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=WORKER_TIMEOUT) == -signal.SIGKILL
+        lines += proc.stdout.read().splitlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    return _done_keys(lines[1:])
+
+
+def test_sigkill_writer_mid_put_leaves_consistent_pool(
+    pool_name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGKILL writers inside puts (0.1-1.5 MiB values, then 32 MiB ones), six times.
 
     After each kill: `check` finds the pool consistent, every put the victim announced as
-    done is intact, the one in flight is missing or intact (never torn), and a survivor
-    process that ran across the kills goes on putting and reading.
+    done is intact, the one in flight is missing or intact (never torn), the parent keeps
+    putting, and a survivor process that runs across all the kills keeps putting and
+    reading, before and after them.
     """
     _cli_create(pool_name, "256M")
-    small, large = 100_000, 1_500_000
     go_file = tmp_path / "go"
     survivor = _spawn("survivor", pool_name, 9, 1000, 20_000, 60, go_file, WORKER_TIMEOUT - 30)
     rng = random.Random(4)
     from infercache.kv import Pool
 
     all_done: list[str] = []
-    kills = 5
-    for victim in range(kills):
-        proc = _spawn("stream", pool_name, victim, small, large, 10_000)
-        assert proc.stdout is not None
-        first = proc.stdout.readline()  # {"ready": true}: attached, about to put
-        assert json.loads(first)["ready"], first
-        for _ in range(rng.randint(1, 6)):  # let a few puts through, then kill at a random point
-            proc.stdout.readline()
-        # time.sleep is not an assertion: it only picks an arbitrary instant inside a put
-        import time
-
-        time.sleep(rng.uniform(0, 0.02))
-        os.kill(proc.pid, signal.SIGKILL)
-        done = _read_done_keys(proc)
-        assert proc.returncode == -signal.SIGKILL
-        assert done, "the victim completed no put before the kill"
+    plans = [(100_000, 1_500_000, rng.randint(1, 6), rng.uniform(0, 0.002)) for _ in range(4)]
+    plans += [(32 << 20, 32 << 20, 1, 0.003), (32 << 20, 32 << 20, 0, 0.0)]
+    for victim, (small, large, after, delay) in enumerate(plans):
+        done = _kill_during_put(pool_name, victim, small, large, after, delay)
+        assert len(done) >= after, "the victim announced fewer puts than it had finished"
         all_done.extend(done)
 
-        pool = Pool.open(pool_name)
+        pool = Pool.open(pool_name)  # attaching reclaims a dead writer's reservation
         try:
             report = pool.check()
             assert report.ok, f"after kill #{victim}: {report.problems}"
@@ -161,8 +182,7 @@ def test_sigkill_writer_mid_stream_leaves_consistent_pool(pool_name: str, tmp_pa
             value = pool.get(in_flight)
             if value is not None:  # published before the kill: must then be whole
                 verify_value(in_flight, value)
-            # the parent itself keeps using the pool after the kill
-            key = f"parent-{victim}"
+            key = f"parent-{victim}"  # the parent itself keeps using the pool after the kill
             assert pool.put(key, make_value(key, 7, victim, 50_000))
             verify_value(key, pool.get(key))
         finally:
@@ -174,15 +194,21 @@ def test_sigkill_writer_mid_stream_leaves_consistent_pool(pool_name: str, tmp_pa
 
     pool = Pool.open(pool_name)
     try:
-        assert pool.check().ok
+        report = pool.check()
+        assert report.ok, report.problems
         for key in all_done:
             verify_value(key, pool.get(key))
         for i in range(60):
             verify_value(f"v9-k{i}", pool.get(f"v9-k{i}"))
+        for key in pool.keys():  # in-flight puts that did get published are whole too
+            if str(key).startswith("s"):
+                verify_value(str(key), pool.get(key))
     finally:
         pool.close()
-    # and a fresh process still works on it
+    # and a fresh process (the CLI) finds it consistent too
     assert run_cli("kv", "check", pool_name).returncode == 0
+    reclaimed = [r.getMessage() for r in caplog.records if "reclaimed" in r.getMessage()]
+    print(f"kills that left an unpublished reservation to reclaim: {len(reclaimed)} of {len(plans)}")
 
 
 def test_pool_created_by_cli_is_used_by_other_processes(pool_name: str, tmp_path: Path) -> None:
