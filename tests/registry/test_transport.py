@@ -181,3 +181,45 @@ def test_list_tags(registry: Registry, tmp_path: Path) -> None:
     push_layout(layout, "v1", registry.ref("ours/tags", "two"))
     src = RegistrySource(ImageReference.parse(registry.ref("ours/tags", "one")))
     assert sorted(src.client.list_tags()) == ["one", "two"]
+
+
+def test_large_blob_streams_without_holding_it_in_memory(registry: Registry, tmp_path: Path) -> None:
+    """Pull a 48 MiB blob and push it on (non-seekable → spooled): peak Python memory stays far below."""
+    import hashlib
+    import random
+    import tracemalloc
+
+    data = random.Random(7).randbytes(48 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    blob = tmp_path / "big"
+    blob.write_bytes(data)
+    desc = Descriptor("application/vnd.oci.image.layer.v1.tar", digest, len(data))
+    del data
+    first = RegistryDestination(ImageReference.parse(registry.ref("big/a", "v1")), chunk_size=16 << 20)
+    second = RegistryDestination(ImageReference.parse(registry.ref("big/b", "v1")))
+    src = RegistrySource(ImageReference.parse(registry.ref("big/a", "v1")))
+    tracemalloc.start()
+    try:
+        with open(blob, "rb") as fh:
+            first.put_blob(desc, fh)  # seekable: hashed in place, 3 PATCH chunks
+        with src.open_blob(desc) as stream:
+            second.put_blob(desc, stream)  # network stream: spooled to a temp file
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert first.client.stats.by_method.get("PATCH") == 3
+    assert second.has_blob(desc)
+    assert peak < 24 << 20, f"peak {peak >> 20} MiB for a 48 MiB blob"
+
+
+def test_manifest_accept_lists_oci_and_docker_types(registry: Registry, tmp_path: Path) -> None:
+    from tests.registry.proxy import FaultyProxy
+
+    layout = make_tiny_layout(tmp_path / "img")
+    push_layout(layout, "v1", registry.ref("ours/accept", "v1"))
+    with FaultyProxy(registry.host, lambda *_: None) as proxy:
+        RegistrySource(ImageReference.parse(f"docker://{proxy.host}/ours/accept:v1")).get_manifest()
+    accepts = [h.get("Accept", "") for (m, p, _), h in zip(proxy.log, proxy.headers_seen) if "/manifests/" in p]
+    assert accepts and all(t in accepts[0] for t in (
+        "application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"))

@@ -99,7 +99,9 @@ def main_command(
     extract: bool = typer.Option(False, "-e", "--extract", help="Extract -i IMAGE into -d DIR (compatible entries)."),
     image: Optional[str] = typer.Option(None, "-i", "--image", help="quay.io/x/y:tag (registry) or oci:DIR:TAG ..."),
     dir: Optional[Path] = typer.Option(None, "-d", "--dir", help="Cache dir (default: the Triton cache dir)."),
-    log_level: LogLevel = typer.Option(LogLevel.warning, "-l", "--log-level", help="debug, info, warning, error."),
+    log_level: LogLevel = typer.Option(
+        LogLevel.warning, "-l", "--log-level", case_sensitive=False, help="debug, info, warning, error."
+    ),
     baremetal: bool = typer.Option(
         False, "-b", "--baremetal",
         help="After extraction, check every extracted entry against the local GPUs (full manifest check) "
