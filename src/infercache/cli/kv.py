@@ -6,6 +6,7 @@ command is also a Python call.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -112,7 +113,9 @@ def create(
 def _pools_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
     for column in ("name", "tier", "size", "used", "util", "entries", "policy", "attached", "path"):
-        table.add_column(column, justify="right" if column in ("size", "used", "util", "entries") else "left")
+        numeric = column in ("size", "used", "util", "entries", "attached")
+        table.add_column(column, justify="right" if numeric else "left", no_wrap=column != "path",
+                         overflow="fold")  # fmt: skip
     for row in rows:
         attached = row.get("attached")
         if isinstance(attached, (list, tuple)):
@@ -199,12 +202,19 @@ def _status_table(stats: dict[str, Any]) -> Table:
         value = stats[key]
         text = _size(value) if kind == "size" else _pct(value) if kind == "pct" else _cell(value)
         table.add_row(key, text)
-    lookups = (stats.get("hits") or 0) + (stats.get("misses") or 0)
-    if lookups:
-        table.add_row("hit_rate", _pct(stats.get("hits", 0) / lookups))
+    if "hit_rate" in stats:
+        shown.add("hit_rate")
+        table.add_row("hit_rate", _pct(stats["hit_rate"]))
     for key, value in stats.items():
-        if key not in shown:
-            table.add_row(key, _cell(value))
+        if key in shown:
+            continue
+        if key.endswith("_bytes") and isinstance(value, int):
+            text = f"{format_size(value)} ({value})"
+        elif key == "created" and isinstance(value, (int, float)):
+            text = datetime.fromtimestamp(value, tz=timezone.utc).isoformat(timespec="seconds")
+        else:
+            text = _cell(value)
+        table.add_row(key, text)
     return table
 
 
@@ -242,7 +252,9 @@ def status(
 def evict(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Pool name."),
-    percent: Optional[float] = typer.Option(None, "--percent", help="Evict this percentage of the pool's size."),
+    percent: Optional[float] = typer.Option(
+        None, "--percent", help="Evict until this percentage of the pool's size is freed (or nothing evictable is left)."
+    ),
     bytes_: Optional[str] = typer.Option(None, "--bytes", help="Evict at least this many bytes (e.g. 64M)."),
     expired: bool = typer.Option(False, "--expired", help="Evict the entries whose TTL has passed."),
 ) -> None:
@@ -338,6 +350,7 @@ def check(
         report = pool.check(repair=repair)
         problems = list(report.problems)
         repaired = list(getattr(report, "repaired", []) or [])
+        recovered = list(getattr(report, "recovered", []) or [])
         ok = bool(report.ok)
         if repair and not ok:
             # A repair pass reports what it found; a fresh check says whether it worked.
@@ -345,8 +358,10 @@ def check(
     finally:
         pool.close()
     if format is OutputFormat.json:
-        print_json({"name": name, "ok": ok, "problems": problems, "repaired": repaired})
+        print_json({"name": name, "ok": ok, "problems": problems, "repaired": repaired, "recovered": recovered})
     else:
+        for note in recovered:
+            console.print(f"recovered: {note}", highlight=False)
         for problem in problems:
             err_console.print(f"[yellow]problem:[/] {problem}", highlight=False)
         for fix in repaired:
