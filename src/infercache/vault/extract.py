@@ -19,6 +19,7 @@ Modes from the archive are ignored (files 0644, dirs 0755): no setuid, no surpri
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import posixpath
@@ -33,6 +34,7 @@ from infercache.vault.image import open_decompressed
 
 logger = logging.getLogger(__name__)
 _CHUNK = 1 << 20
+_TAR_BUFSIZE = 64 << 10
 
 
 class UnsafeImageError(InfercacheError):
@@ -106,30 +108,55 @@ def safe_member_path(name: str, allowed_top: Iterable[str]) -> tuple[str, ...] |
     return parts
 
 
-def _ensure_dirs(staging: Path, parts: tuple[str, ...]) -> Path:
-    """Create (or check) parent dirs under staging; refuse to go through anything but real dirs."""
-    current = staging
-    for part in parts:
-        current = current / part
+@dataclass(frozen=True)
+class ExtractedFile:
+    """A regular file written to staging: its size and sha256 (hashed while writing, never re-read)."""
+
+    size: int
+    sha256: str
+
+
+class _Staging:
+    """Creates paths under the staging root, never through anything but real directories.
+
+    Directories created (or checked) here are remembered: a directory can never be turned
+    into a link later (replacing a directory is refused), so they need no second lstat.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self._dirs: set[str] = set()
+
+    def ensure_dirs(self, parts: tuple[str, ...]) -> str:
+        current = self.root
+        rel = ""
+        for part in parts:
+            current = current + "/" + part
+            rel = rel + "/" + part if rel else part
+            if rel in self._dirs:
+                continue
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                os.mkdir(current, 0o755)
+                self._dirs.add(rel)
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise UnsafeImageError(f"entry path {'/'.join(parts)} goes through a non-directory (link or file)")
+            self._dirs.add(rel)
+        return current
+
+    def remove_existing(self, rel: str, path: str) -> None:
+        """A later duplicate member replaces an earlier file or link, never a directory."""
+        if rel in self._dirs:
+            raise UnsafeImageError(f"entry {rel} would replace a directory")
         try:
-            st = os.lstat(current)
+            st = os.lstat(path)
         except FileNotFoundError:
-            os.mkdir(current, 0o755)
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            raise UnsafeImageError(f"entry path {'/'.join(parts)} goes through a non-directory (link or file)")
-    return current
-
-
-def _remove_existing(path: Path) -> None:
-    """A later duplicate member replaces an earlier file or link, never a directory."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        raise UnsafeImageError(f"entry {path.name} would replace a directory with a file")
-    os.unlink(path)
+            return
+        if stat.S_ISDIR(st.st_mode):
+            raise UnsafeImageError(f"entry {rel} would replace a directory")
+        os.unlink(path)
 
 
 def extract_layer(
@@ -139,21 +166,22 @@ def extract_layer(
     allowed_top: Iterable[str],
     limits: ExtractLimits | None = None,
     progress: Callable[[int], None] | None = None,
-) -> list[str]:
-    """Extract one (possibly compressed) tar layer into `staging`; returns the regular files written.
+) -> dict[str, ExtractedFile]:
+    """Extract one (possibly compressed) tar layer into `staging`; returns {regular file: size and sha256}.
 
     `stream` should be a digest-verifying reader: the caller must drain and verify it
-    after this returns and treat staging as untrusted until then.
+    after this returns and treat staging as untrusted until then. Paths replaced by a
+    link later in the layer are dropped from the result.
     """
     limits = limits or ExtractLimits()
     allowed = frozenset(allowed_top)
-    staging = Path(staging)
+    place = _Staging(Path(staging))
     counting = _CountingReader(open_decompressed(stream), compressed_size, limits)
-    written: list[str] = []
-    files: set[str] = set()
+    written: dict[str, ExtractedFile] = {}
     members = 0
     try:
-        tar = tarfile.open(fileobj=counting, mode="r|", bufsize=_CHUNK)  # type: ignore[call-overload]
+        # A small stream buffer: tarfile's stream mode re-joins its whole buffer on every header read.
+        tar = tarfile.open(fileobj=counting, mode="r|", bufsize=_TAR_BUFSIZE)  # type: ignore[call-overload]
     except tarfile.TarError as exc:
         raise UnsafeImageError(f"layer is not a valid tar archive: {exc}") from None
     try:
@@ -166,10 +194,9 @@ def extract_layer(
                 continue
             rel = "/".join(parts)
             if member.isdir():
-                _ensure_dirs(staging, parts)
+                place.ensure_dirs(parts)
                 continue
-            parent = _ensure_dirs(staging, parts[:-1])
-            target = parent / parts[-1]
+            target = place.ensure_dirs(parts[:-1]) + "/" + parts[-1]
             if member.isreg() and not member.issparse():
                 if member.size > limits.max_member_bytes:
                     raise UnsafeImageError(f"entry {rel} is {member.size} bytes, over the per-file limit")
@@ -178,25 +205,25 @@ def extract_layer(
                         f"entry {rel} declares {member.size} bytes, more than the layer may expand to "
                         f"({counting.limit} bytes for {compressed_size} compressed): refused as a decompression bomb"
                     )
-                _remove_existing(target)
-                _write_member(tar, member, target)
-                files.add(rel)
-                written.append(rel)
+                place.remove_existing(rel, target)
+                written[rel] = ExtractedFile(member.size, _write_member(tar, member, target))
                 if progress is not None:
                     progress(counting.count)
             elif member.issym():
                 _check_symlink(member, parts)
-                _remove_existing(target)
+                place.remove_existing(rel, target)
+                written.pop(rel, None)
                 os.symlink(member.linkname, target)
             elif member.islnk():
                 link_parts = safe_member_path(member.linkname, allowed)
                 if link_parts is None or link_parts[0] != parts[0]:
                     raise UnsafeImageError(f"hard link {rel} → {member.linkname} leaves its directory")
                 link_rel = "/".join(link_parts)
-                if link_rel not in files:
+                if link_rel not in written:
                     raise UnsafeImageError(f"hard link {rel} → {member.linkname} points to no extracted file")
-                _remove_existing(target)
-                os.link(staging.joinpath(*link_parts), target, follow_symlinks=False)
+                place.remove_existing(rel, target)
+                os.link(place.root + "/" + link_rel, target, follow_symlinks=False)
+                written[rel] = written[link_rel]
             elif member.ischr() or member.isblk():
                 raise UnsafeImageError(f"entry {rel} is a device node: refused")
             elif member.isfifo():
@@ -232,7 +259,8 @@ def _check_symlink(member: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
         raise UnsafeImageError(f"symlink {rel} → {link} points outside its directory: refused")
 
 
-def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: str) -> str:
+    """Write the member's data to a new file (never through a link); returns its sha256."""
     source = tar.extractfile(member)
     if source is None:  # pragma: no cover - regular files always have data
         raise UnsafeImageError(f"entry {member.name} has no data")
@@ -244,10 +272,13 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -
             raise UnsafeImageError(f"entry {member.name} collides with a link") from None
         raise
     remaining = member.size
+    digest = hashlib.sha256()
     with os.fdopen(fd, "wb") as out:
         while remaining > 0:
             chunk = source.read(min(_CHUNK, remaining))
             if not chunk:
                 raise UnsafeImageError(f"layer is truncated inside {member.name}")
             out.write(chunk)
+            digest.update(chunk)
             remaining -= len(chunk)
+    return digest.hexdigest()

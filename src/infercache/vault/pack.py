@@ -242,6 +242,9 @@ class _Tee(io.RawIOBase):
         self.sink.write(view)
         return view.nbytes
 
+    def tell(self) -> int:  # lets tarfile write straight through (mode "w") instead of re-buffering
+        return self.size
+
     @property
     def digest(self) -> str:
         return "sha256:" + self.hash.hexdigest()
@@ -362,7 +365,7 @@ def write_layer(
     hashes: dict[str, str] = {}
     dirs_done: set[str] = set()
 
-    with tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT, bufsize=_CHUNK) as tar:  # type: ignore[arg-type]
+    with tarfile.open(fileobj=plain, mode="w", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
         tar.copybufsize = _CHUNK
 
         def add_dirs(arcname: str) -> None:
