@@ -406,3 +406,35 @@ def test_corrupt_or_truncated_snapshot_is_refused(names, tmp_path: Path) -> None
 
     # the snapshot's own name is still taken: restoring it without --name is refused
     assert run_cli("kv", "restore", str(snapshot)).returncode == 2
+
+
+def test_persist_to_unwritable_place_is_a_clean_error(names) -> None:
+    """/proc refuses new files even for root: the OS error must be one line, exit 1, no traceback."""
+    name = names()
+    run_cli("kv", "create", name, "--size", "4M", check=True)
+    result = run_cli("kv", "persist", name, "--path", "/proc/infercache-test.kvsnap")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "/proc/" in result.stderr
+
+
+def test_list_shows_attached_processes_and_files_are_private(names, data_dir: Path) -> None:
+    name = names()
+    run_cli("kv", "create", name, "--size", "4M", check=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         f"import sys\nfrom infercache.kv import Pool\np = Pool.open({name!r})\nprint('attached', flush=True)\n"
+         "sys.stdin.read()\np.close()\n"],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "attached"
+        row = {p["name"]: p for p in _json("kv", "list", "--format", "json")}[name]
+        assert holder.pid in row["attached"]
+    finally:
+        holder.communicate("", timeout=60)
+    row = {p["name"]: p for p in _json("kv", "list", "--format", "json")}[name]
+    assert holder.pid not in row["attached"]
+    assert Path(row["path"]).stat().st_mode & 0o777 == 0o600, "pool files are private to their owner"
+    for path in data_dir.iterdir():
+        if path.is_file():
+            assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"

@@ -6,9 +6,10 @@ command is also a Python call.
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import typer
 from rich.table import Table
@@ -21,7 +22,7 @@ from infercache.cli.common import (
     handle_errors,
     print_json,
 )
-from infercache.errors import BadInputError
+from infercache.errors import BadInputError, InfercacheError
 from infercache.units import format_size, parse_size
 
 if TYPE_CHECKING:  # the pool library is imported lazily: keep `infercache --help` fast
@@ -33,6 +34,21 @@ app = typer.Typer(
 )
 
 _TIERS = ("cpu", "disk", "gpu")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _os_errors(func: F) -> F:
+    """An OSError (permission denied, disk full...) becomes a one-line error, exit 1, not a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except OSError as exc:
+            where = f": {exc.filename}" if exc.filename else ""
+            raise InfercacheError(f"{exc.strerror or exc}{where}") from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _data_dir(ctx: typer.Context) -> Optional[Path]:
@@ -66,6 +82,7 @@ def _cell(value: Any) -> str:
 
 @app.command("create")
 @handle_errors
+@_os_errors
 def create(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Pool name (unique on this host)."),
@@ -136,6 +153,7 @@ def _pools_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 @app.command("list")
 @handle_errors
+@_os_errors
 def list_pools(
     ctx: typer.Context,
     format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
@@ -152,22 +170,8 @@ def list_pools(
 
 
 def _all_stats(ctx: typer.Context) -> list[dict[str, Any]]:
-    """Stats of every registered pool; a pool that cannot be opened is reported, not fatal."""
-    from infercache.errors import InfercacheError
-
-    result = []
-    for row in _pool_api().list_pools(data_dir=_data_dir(ctx)):
-        name = row.get("name")
-        try:
-            pool = _open(ctx, name)
-        except InfercacheError as exc:
-            result.append({**row, "error": str(exc)})
-            continue
-        try:
-            result.append(pool.stats())
-        finally:
-            pool.close()
-    return result
+    """Stats of every registered pool (plus attached pids); one that cannot be opened carries `error`."""
+    return list(_pool_api().list_pools(data_dir=_data_dir(ctx)))
 
 
 _STATUS_FIELDS = (
@@ -220,6 +224,7 @@ def _status_table(stats: dict[str, Any]) -> Table:
 
 @app.command("status")
 @handle_errors
+@_os_errors
 def status(
     ctx: typer.Context,
     name: Optional[str] = typer.Argument(None, help="Pool name; all pools when left out."),
@@ -249,6 +254,7 @@ def status(
 
 @app.command("evict")
 @handle_errors
+@_os_errors
 def evict(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Pool name."),
@@ -284,6 +290,7 @@ def evict(
 
 @app.command("persist")
 @handle_errors
+@_os_errors
 def persist(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Pool name."),
@@ -305,6 +312,7 @@ def persist(
 
 @app.command("restore")
 @handle_errors
+@_os_errors
 def restore(
     ctx: typer.Context,
     file: Path = typer.Argument(..., help="Snapshot written by `kv persist`."),
@@ -327,6 +335,7 @@ def restore(
 
 @app.command("delete")
 @handle_errors
+@_os_errors
 def delete(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Pool name."),
@@ -338,6 +347,7 @@ def delete(
 
 @app.command("check")
 @handle_errors
+@_os_errors
 def check(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Pool name."),
@@ -373,6 +383,7 @@ def check(
 
 @app.command("policies")
 @handle_errors
+@_os_errors
 def policies(
     format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
