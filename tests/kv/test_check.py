@@ -24,8 +24,8 @@ from tests.kv.corrupt import corrupt_allocator
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _filled(make_pool, n: int = 20):
-    pool = make_pool(size="1M", block_size="4K")
+def _filled(make_pool, n: int = 20, size: str = "1M"):
+    pool = make_pool(size=size, block_size="4K")
     values = {f"k{i}": bytes([i]) * (1000 + 3000 * i) for i in range(n)}
     for key, value in values.items():
         assert pool.put(key, value)
@@ -149,14 +149,15 @@ elif where == "alloc":  # inside the allocator, lists half updated
     p.put("victim", b"v" * 10_000)
 elif where == "copy":  # outside the lock, copying a large value into its reserved blocks
     p._data = die
-    p.put("victim", b"v" * 400_000)  # > SMALL_COPY, fits without evicting
+    assert 5 << 20 > poolmod.SMALL_COPY
+    p.put("victim", b"v" * (5 << 20))
 print("not killed")
 """
 
 
 @pytest.mark.parametrize("where", ["publish", "alloc", "copy"])
 def test_sigkill_inside_a_put_leaves_a_recoverable_pool(make_pool, tmp_path: Path, where: str) -> None:
-    pool, values = _filled(make_pool, 10)
+    pool, values = _filled(make_pool, 10, size="16M")
     script = tmp_path / "crash.py"
     script.write_text(_CRASH_SCRIPT)
     proc = subprocess.run([sys.executable, str(script), pool.name, where], cwd=REPO, capture_output=True, text=True,
