@@ -204,3 +204,11 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[R
             yield reg, tokens
     finally:
         tokens.close()
+
+
+@pytest.fixture()
+def fresh_blob_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget which repositories this process saw blobs in (no cross-repo mounts from earlier tests)."""
+    import infercache.vault.registry as reg
+
+    monkeypatch.setattr(reg, "_SEEN_BLOBS", {})

@@ -240,6 +240,12 @@ def test_bearer_token_flow(token_registry: tuple[Registry, object], tmp_path: Pa
     assert src.digest == digest
     assert "repository:tok/img:pull" in tokens.scopes  # type: ignore[attr-defined]
     assert PASSWORD not in caplog.text
+    # a cross-repository mount needs one token for two scopes
+    from infercache.vault.copy import copy_image
+
+    mounted = copy_image(reg.ref("tok/img", "v1"), reg.ref("tok/other", "v1"), src_options=opts, dst_options=opts)
+    assert mounted.blobs_copied == 0 and mounted.blobs_skipped == 2
+    assert "repository:tok/other:pull,push" in tokens.scopes and "repository:tok/img:pull" in tokens.scopes  # type: ignore[attr-defined]
     with pytest.raises(AuthenticationError, match="failed as user"):
         RegistrySource(ImageReference.parse(reg.ref("tok/img", "v1")),
                        RegistryOptions(creds=f"{USER}:nope")).get_manifest()

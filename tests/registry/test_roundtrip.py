@@ -124,7 +124,7 @@ def test_pull_what_skopeo_copied_from_our_archive(registry: Registry, triton_cac
 
 
 def test_copy_between_transports_and_registries(registry: Registry, triton_cache: Path, tmp_path: Path,
-                                                isolated_gpu_env: None) -> None:
+                                                isolated_gpu_env: None, fresh_blob_memory: None) -> None:
     """vault copy: oci: → docker:// → docker:// (another repo) → docker-archive:, same image all along."""
     from infercache.vault.copy import copy_image
     from infercache.vault.pack import pack
@@ -139,3 +139,29 @@ def test_copy_between_transports_and_registries(registry: Registry, triton_cache
     copy_image(registry.ref("copy/b", "v1"), f"docker-archive:{tmp_path / 'img.tar'}:copy/b:v1")
     info = json.loads(skopeo("inspect", f"docker-archive:{tmp_path / 'img.tar'}").stdout)
     assert info["Labels"]["model.cache.image/type"] == "triton"
+
+
+def test_copy_within_a_registry_mounts_blobs(registry: Registry, triton_cache: Path, isolated_gpu_env: None) -> None:
+    """docker://R/a → docker://R/c: the blobs are mounted across repositories, no layer bytes move."""
+    from infercache.vault.copy import copy_image
+    from infercache.vault.pack import pack
+    from tests.registry.proxy import FaultyProxy
+
+    pack(triton_cache, registry.ref("mount/src", "v1"))
+    with FaultyProxy(registry.host, lambda *_: None) as proxy:
+        result = copy_image(f"docker://{proxy.host}/mount/src:v1", f"docker://{proxy.host}/mount/dst:v1")
+    assert result.blobs_copied == 0 and result.blobs_skipped == 2
+    assert sum(1 for m, p, _ in proxy.log if "mount=" in p and m == "POST") == 2
+    assert not [p for m, p, _ in proxy.log if m in ("PATCH", "PUT") and "/blobs/" in p]
+    assert not [p for m, p, _ in proxy.log if m == "GET" and "/blobs/" in p]
+    info = json.loads(skopeo("inspect", "--tls-verify=false", registry.ref("mount/dst", "v1")).stdout)
+    assert info["Labels"]["model.cache.image/type"] == "triton"
+    from infercache.vault.registry import RegistrySource
+    from infercache.vault.transport import Descriptor, ImageReference
+
+    src = RegistrySource(ImageReference.parse(registry.ref("mount/dst", "v1")))
+    layer = Descriptor.from_json(json.loads(src.get_manifest()[0])["layers"][0])
+    with src.open_blob(layer) as stream:  # digest-verified read of the mounted layer
+        while stream.read(1 << 20):
+            pass
+    src.close()

@@ -261,7 +261,9 @@ class RegistryAuth:
             return self.header(scope)
         if challenge.scheme == "bearer":
             # Ask for what we will need (push includes pull) and what the challenge names.
-            scopes = [scope] + ([challenge.scope] if challenge.scope and challenge.scope != scope else [])
+            # `scope` may hold several, space-separated (a cross-repository mount needs two).
+            scopes = scope.split()
+            scopes += [challenge.scope] if challenge.scope and challenge.scope not in scopes else []
             if scope in self._unproven:  # a token fetched just now was refused
                 raise AuthenticationError(self._refused_message(response))
             # No token yet, or one that worked before and has expired: fetch (again).

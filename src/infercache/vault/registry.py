@@ -79,9 +79,20 @@ class RegistryStats:
     retries: int = 0
     blobs_uploaded: int = 0
     blobs_present: int = 0
+    blobs_mounted: int = 0
     bytes_uploaded: int = 0
     bytes_downloaded: int = 0
     by_method: dict[str, int] = field(default_factory=dict)
+
+
+# Where this process has seen each blob: (registry, repository) by digest. Lets a push to
+# another repository of the same registry mount the blob instead of uploading it again
+# (what skopeo's blob-info cache does, kept in memory only).
+_SEEN_BLOBS: dict[str, set[tuple[str, str]]] = {}
+
+
+def _remember(digest: str, registry: str, repository: str) -> None:
+    _SEEN_BLOBS.setdefault(digest, set()).add((registry, repository))
 
 
 class RegistryError(InfercacheError):
@@ -347,8 +358,43 @@ class RegistryClient:
 
         return self._with_retries(f"HEAD blob {descriptor.digest}", attempt)
 
+    def mount_blob(self, descriptor: Descriptor) -> bool:
+        """Link a blob this process saw in another repository of the same registry (no bytes move).
+
+        True when the registry mounted it; False (nothing changed) when it cannot.
+        """
+        from urllib.parse import urlencode
+
+        sources = sorted(repo for reg, repo in _SEEN_BLOBS.get(descriptor.digest, ())
+                         if reg == self.reference.registry and repo != self.reference.repository)
+        post_url = "/" + self._container.upload_blob_url().split("/", 1)[1]
+        for repo in sources[:3]:
+            query = urlencode({"mount": descriptor.digest, "from": repo})
+            scope = f"{self.push_scope} repository:{repo}:pull"
+            try:
+                reply = self._with_retries(
+                    f"mount of {descriptor.digest}",
+                    lambda: self._send("POST", f"{post_url}?{query}", scope=scope, headers={"Content-Length": "0"}),
+                )
+            except InfercacheError as exc:  # no pull right on the source repository, say
+                log.debug("cannot mount %s from %s: %s", descriptor.digest, repo, exc)
+                continue
+            reply.close()
+            if reply.status_code == 201:
+                log.info("mounted blob %s from %s", descriptor.digest, repo)
+                _remember(descriptor.digest, self.reference.registry or "", self.reference.repository or "")
+                return True
+            if reply.status_code == 202 and reply.headers.get("Location"):
+                # The registry opened an ordinary upload instead: cancel it.
+                try:
+                    self._send("DELETE", self._location(reply), scope=self.push_scope).close()
+                except InfercacheError:
+                    pass
+        return False
+
     def open_blob(self, descriptor: Descriptor) -> BinaryIO:
         """A buffered stream over the blob that verifies size and digest when it ends."""
+        _remember(descriptor.digest, self.reference.registry or "", self.reference.repository or "")
         return io.BufferedReader(_BlobReader(self, descriptor), buffer_size=_READ_BLOCK)  # type: ignore[return-value]
 
     def _blob_response(self, descriptor: Descriptor, offset: int) -> "requests.Response":
@@ -393,6 +439,7 @@ class RegistryClient:
                 self._upload(descriptor, handle, start)
 
             self._with_retries(f"upload of blob {descriptor.digest}", attempt)
+        _remember(descriptor.digest, self.reference.registry or "", self.reference.repository or "")
         self.stats.blobs_uploaded += 1
         self.stats.bytes_uploaded += descriptor.size
         log.info("uploaded blob %s (%d bytes)", descriptor.digest, descriptor.size)
@@ -715,7 +762,19 @@ class RegistrySource:
         if media_type not in IMAGE_MANIFEST_TYPES:
             raise RegistryError(f"unsupported manifest type {media_type!r} for {self.reference}")
         self.digest = digest
+        self._remember_blobs(body)
         return body, media_type
+
+    def _remember_blobs(self, manifest: bytes) -> None:
+        """The registry only accepts a manifest whose blobs the repository holds: note them for mounts."""
+        try:
+            data = json.loads(manifest)
+            items = [data.get("config") or {}, *(data.get("layers") or [])]
+        except (ValueError, AttributeError, TypeError):
+            return
+        for item in items:
+            if isinstance(item, dict) and isinstance(item.get("digest"), str):
+                _remember(item["digest"], self.reference.registry or "", self.reference.repository or "")
 
     def open_blob(self, descriptor: Descriptor) -> BinaryIO:
         return self.client.open_blob(descriptor)
@@ -737,11 +796,16 @@ class RegistryDestination:
         self.digest: str | None = None
 
     def has_blob(self, descriptor: Descriptor) -> bool:
+        """True when the repository has the blob, or it could be mounted from a sibling repository."""
         present = self.client.has_blob(descriptor, scope=self.client.push_scope)
         if present:
             self.client.stats.blobs_present += 1
             log.info("blob %s already in %s, skipping", descriptor.digest, self.reference.repository)
-        return present
+            return True
+        if self.client.mount_blob(descriptor):
+            self.client.stats.blobs_mounted += 1
+            return True
+        return False
 
     def put_blob(self, descriptor: Descriptor, stream: BinaryIO) -> None:
         self.client.put_blob(descriptor, stream)
