@@ -75,9 +75,7 @@ CREATE INDEX entries_name ON entries(name);
 CREATE INDEX entries_backend_arch ON entries(backend, arch);
 CREATE INDEX entries_modified ON entries(modified);
 CREATE INDEX entries_root ON entries(cache_root);
-CREATE INDEX entries_parent ON entries(parent);
-CREATE INDEX entries_key ON entries(key);
-CREATE INDEX entries_dedup ON entries(dedup_key);
+CREATE INDEX entries_parent ON entries(parent, path, signature);
 CREATE TABLE files (
     entry_id    INTEGER NOT NULL REFERENCES entries(id) ON DELETE CASCADE,
     name        TEXT NOT NULL,
@@ -163,6 +161,7 @@ class Catalog:
         self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._retry(lambda: self.conn.execute("PRAGMA journal_mode=WAL"))
         self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA cache_size=-32768")  # 32 MiB: a 10,000-entry catalog stays in memory
         self.conn.execute("PRAGMA foreign_keys=ON")
         self._migrate(SCHEMA_VERSION if upto is None else upto)
 

@@ -294,13 +294,13 @@ def _index_dir(
         result, raw = scan_entry(Path(path), st)
         pending.append((result, raw, sig, st))
         if len(pending) >= BATCH:
-            _write(catalog, tcd, pending, known, run)
+            _write(catalog, tcd, pending, known, run, known_skips)
             done += len(pending)
             pending = []
             if progress:
                 progress(done, total)
     if pending:
-        _write(catalog, tcd, pending, known, run)
+        _write(catalog, tcd, pending, known, run, known_skips)
         done += len(pending)
     gone_entries = [p for p in known if p not in seen]
     gone_skips = [p for p in known_skips if p not in seen]
@@ -322,9 +322,8 @@ _ENTRY_COLUMNS = (
     "group_file, dedup_key, vllm_hash, vllm_rank, vllm_prefix, signature, indexed_at, metadata"
 )
 _UPSERT = (
-    f"INSERT INTO entries({_ENTRY_COLUMNS}) VALUES ({','.join('?' * 29)}) ON CONFLICT(path) DO UPDATE SET "
+    f"INSERT INTO entries(id, {_ENTRY_COLUMNS}) VALUES ({','.join('?' * 30)}) ON CONFLICT(path) DO UPDATE SET "
     + ", ".join(f"{c.strip()} = excluded.{c.strip()}" for c in _ENTRY_COLUMNS.split(",")[1:])
-    + " RETURNING id"
 )
 
 
@@ -371,52 +370,76 @@ def entry_row(entry: TritonEntry, raw: bytes | None, tcd: Any, sig: str, now: fl
 def _write(
     catalog: Catalog,
     tcd: Any,
-    pending: Iterable[tuple[TritonEntry | NotAKernel, bytes | None, str, os.stat_result]],
+    pending: list[tuple[TritonEntry | NotAKernel, bytes | None, str, os.stat_result]],
     known: Mapping[str, str],
     run: _Run,
+    skip_paths: Iterable[str] = (),
 ) -> None:
+    """Write one batch in one transaction, with a handful of executemany calls (fast for 10,000)."""
     now = time.time()
     parent = str(tcd.path)
     root = str(tcd.cache_root)
+    kernels = [(r, raw, sig) for r, raw, sig, _ in pending if isinstance(r, TritonEntry)]
+    others = [(r, st, sig) for r, _, sig, st in pending if isinstance(r, NotAKernel)]
+    had_skip = set(skip_paths)
     with catalog.transaction() as conn:
-        for result, raw, sig, st in pending:
+        paths = [str(r.path) for r, _, _ in kernels]
+        existing: dict[str, int] = {}
+        for i in range(0, len(paths), 900):
+            chunk = paths[i : i + 900]
+            existing.update(
+                (row[1], row[0])
+                for row in conn.execute(
+                    f"SELECT id, path FROM entries WHERE path IN ({','.join('?' * len(chunk))})", chunk
+                )
+            )
+        next_id = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM entries").fetchone()[0]
+        rows = []
+        files = []
+        extras = []
+        clear = []
+        for result, raw, sig in kernels:
             path = str(result.path)
-            if isinstance(result, TritonEntry):
-                (entry_id,) = conn.execute(_UPSERT, entry_row(result, raw, tcd, sig, now)).fetchone()
-                if path in known:
-                    run.updated += 1
-                    conn.execute("DELETE FROM files WHERE entry_id = ?", (entry_id,))
-                else:
-                    run.new += 1
-                conn.executemany(
-                    "INSERT INTO files(entry_id, name, type, size) VALUES (?, ?, ?, ?)",
-                    [(entry_id, f.name, f.type, f.size) for f in result.files],
-                )
-                conn.execute("DELETE FROM skipped WHERE path = ? OR owner = ?", (path, path))
-                extras = [
-                    (str(p), parent, root, "garbage", "leftover of an interrupted write", _size_of(p), _mtime(p), "", path)
-                    for p in result.leftovers
-                ] + [
-                    (os.path.join(path, f.name), parent, root, "orphan", "file not listed in the group file",
-                     f.size, _mtime(Path(path) / f.name), "", path)
-                    for f in result.orphans
-                ]
-                if extras:
-                    conn.executemany(
-                        "INSERT OR REPLACE INTO skipped(path, parent, cache_root, kind, reason, size, modified, "
-                        "signature, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        extras,
-                    )
+            entry_id = existing.get(path)
+            if entry_id is None:
+                entry_id = next_id
+                next_id += 1
+                run.new += 1
             else:
-                if path in known:
-                    run.removed += conn.execute("DELETE FROM entries WHERE path = ?", (path,)).rowcount
-                conn.execute("DELETE FROM skipped WHERE owner = ?", (path,))
-                conn.execute(
-                    "INSERT OR REPLACE INTO skipped(path, parent, cache_root, kind, reason, size, modified, "
-                    "signature, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-                    (path, parent, root, result.kind, result.reason, result.size, st.st_mtime, sig),
-                )
-                run.skip(result.path, result.kind, result.reason)
+                run.updated += 1
+            if path in existing or path in had_skip:
+                clear.append((path, path))
+            rows.append((entry_id, *entry_row(result, raw, tcd, sig, now)))
+            files.extend((entry_id, f.name, f.type, f.size) for f in result.files)
+            for p in result.leftovers:
+                extras.append((str(p), parent, root, "garbage", "leftover of an interrupted write", _size_of(p),
+                               _mtime(p), "", path))
+            for f in result.orphans:
+                extras.append((os.path.join(path, f.name), parent, root, "orphan", "file not listed in the group file",
+                               f.size, _mtime(Path(path) / f.name), "", path))
+        if existing:
+            conn.executemany("DELETE FROM files WHERE entry_id = ?", [(i,) for i in existing.values()])
+        if clear:
+            conn.executemany("DELETE FROM skipped WHERE path = ? OR owner = ?", clear)
+        conn.executemany(_UPSERT, rows)
+        conn.executemany("INSERT INTO files(entry_id, name, type, size) VALUES (?, ?, ?, ?)", files)
+        if extras:
+            conn.executemany(
+                "INSERT OR REPLACE INTO skipped(path, parent, cache_root, kind, reason, size, modified, "
+                "signature, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                extras,
+            )
+        for result, st, sig in others:
+            path = str(result.path)
+            if path in known:
+                run.removed += conn.execute("DELETE FROM entries WHERE path = ?", (path,)).rowcount
+            conn.execute("DELETE FROM skipped WHERE owner = ?", (path,))
+            conn.execute(
+                "INSERT OR REPLACE INTO skipped(path, parent, cache_root, kind, reason, size, modified, "
+                "signature, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                (path, parent, root, result.kind, result.reason, result.size, st.st_mtime, sig),
+            )
+            run.skip(result.path, result.kind, result.reason)
 
 
 def _mtime(path: Path) -> float:
@@ -451,7 +474,7 @@ def refresh_paths(catalog: Catalog, entry_paths: Iterable[Path]) -> None:
             continue
         tcd = _CacheDirInfo.from_row(row)
         result, raw = scan_entry(Path(path), st)
-        _write(catalog, tcd, [(result, raw, signature(st), st)], {path: ""}, _Run())
+        _write(catalog, tcd, [(result, raw, signature(st), st)], {path: ""}, _Run(), [path])
 
 
 @dataclass(frozen=True)

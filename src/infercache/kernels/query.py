@@ -139,7 +139,7 @@ class KernelFilter:
             clauses.append("e.backend = ?")
             params.append(self.backend)
         if self.arch is not None:
-            clauses.append("lower(e.arch) = ?")
+            clauses.append("e.arch = ?")
             params.append(self.arch)
         if self.older_than is not None:
             clauses.append("e.modified < ?")
@@ -220,8 +220,12 @@ class KernelRecord:
     misses: int
     last_access: float | None
     vllm: Mapping[str, str | None] | None
-    group_file: Path | None
+    group_name: str | None
     dedup_key: str
+
+    @property
+    def group_file(self) -> Path | None:
+        return self.path / self.group_name if self.group_name else None
 
     @property
     def last_used(self) -> float:
@@ -264,12 +268,15 @@ _SELECT = (
 )
 
 
-def _record(r: Sequence[Any]) -> KernelRecord:
+def _record(r: Sequence[Any], roots: dict[str, Path]) -> KernelRecord:
     vllm = {"hash": r[22], "rank": r[23], "prefix": r[24]} if r[22] is not None else None
+    root = roots.get(r[15])
+    if root is None:
+        root = roots[r[15]] = Path(r[15])
     return KernelRecord(
         r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13],
-        Path(r[14]), Path(r[15]), r[16], json.loads(r[17]), r[18], r[19], r[20], r[21], vllm,
-        Path(r[25]) if r[25] else None, r[26],
+        Path(r[14]), root, r[16], json.loads(r[17]), r[18], r[19], r[20], r[21], vllm,
+        os.path.basename(r[25]) if r[25] else None, r[26],
     )
 
 
@@ -291,7 +298,10 @@ def query(
     if limit is not None:
         sql += " LIMIT ?"
         params = [*params, limit]
-    return [_record(r) for r in catalog.conn.execute(sql, params)]
+    roots: dict[str, Path] = {}
+    cursor = catalog.conn.cursor()
+    cursor.row_factory = None  # plain tuples: faster than sqlite3.Row for thousands of rows
+    return [_record(r, roots) for r in cursor.execute(sql, params)]
 
 
 def metadata_of(catalog: Catalog, entry_id: int) -> dict[str, Any]:

@@ -23,8 +23,12 @@ def key_for_hash(digest: str) -> str:
     return base64.b32encode(bytes.fromhex(digest)).decode().rstrip("=")
 
 
-def replicate_entry(entry: Path, dest_parent: Path, salt: str) -> Path:
-    """Copy `entry` into `dest_parent` under a new hash derived from `salt`; returns the new dir."""
+def replicate_entry(entry: Path, dest_parent: Path, salt: str, link: bool = False) -> Path:
+    """Copy `entry` into `dest_parent` under a new hash derived from `salt`; returns the new dir.
+
+    `link=True` hard-links the unchanged files instead of copying them (same sizes, far
+    faster for 10,000 replicas; only the metadata and group files are new).
+    """
     entry = Path(entry)
     group = next(entry.glob(f"{GROUP_PREFIX}*.json"))
     meta_name = group.name[len(GROUP_PREFIX):]
@@ -38,7 +42,10 @@ def replicate_entry(entry: Path, dest_parent: Path, salt: str) -> Path:
             continue
         src = entry / child
         if src.is_file() and not src.is_symlink():
-            shutil.copyfile(src, target / child)
+            if link:
+                os.link(src, target / child)
+            else:
+                shutil.copyfile(src, target / child)
     meta["hash"] = digest
     (target / meta_name).write_text(json.dumps(meta))
     # Plain write, no fsync: the copy is brand new (nothing to tear) and benchmarks make 10,000.

@@ -182,12 +182,11 @@ def _normalise_arch(value: Any) -> str | None:
         return None
     if isinstance(value, (int, float)):
         return str(int(value))
-    text = str(value).strip()
-    lower = text.lower()
+    lower = str(value).strip().lower()
     for prefix in ("sm_", "sm", "compute_"):
         if lower.startswith(prefix) and lower[len(prefix) :][:1].isdigit():
             return lower[len(prefix) :]
-    return text or None
+    return lower or None
 
 
 def _normalise_backend(value: Any) -> str | None:
@@ -201,11 +200,23 @@ def _normalise_backend(value: Any) -> str | None:
     return lower
 
 
-def _read_json(path: Path, raw_out: list[bytes] | None = None) -> Any:
-    with open(path, "rb") as handle:
-        data = handle.read(_MAX_JSON_BYTES + 1)
-    if len(data) > _MAX_JSON_BYTES:
-        raise ValueError("file too large for a metadata JSON")
+def _read_json(path: str, raw_out: list[bytes] | None = None) -> Any:
+    """Read a small JSON file without following a symlink (O_NOFOLLOW → ELOOP on a link)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        chunks = []
+        size = 0
+        while True:
+            chunk = os.read(fd, _MAX_JSON_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > _MAX_JSON_BYTES:
+                raise ValueError("file too large for a metadata JSON")
+    finally:
+        os.close(fd)
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if raw_out is not None:
         raw_out.append(data)
     return json.loads(data)
@@ -246,22 +257,24 @@ def _parse(path: Path, st: os.stat_result | None, raw_out: list[bytes]) -> Trito
             return NotAKernel(path, "autotune", "autotune results", st.st_size)
         return NotAKernel(path, "orphan", "stray file in the cache dir", st.st_size)
 
-    files: list[tuple[str, os.stat_result]] = []
+    path_s = os.fspath(path)
+    files: dict[str, os.stat_result] = {}
     leftovers: list[Path] = []
     links: list[str] = []
     others: list[str] = []
-    with os.scandir(path) as it:
+    with os.scandir(path_s) as it:
         for child in it:
             cst = child.stat(follow_symlinks=False)
-            if stat.S_ISLNK(cst.st_mode):
+            mode = cst.st_mode
+            if stat.S_ISREG(mode):
+                files[child.name] = cst
+            elif stat.S_ISLNK(mode):
                 links.append(child.name)
-            elif stat.S_ISDIR(cst.st_mode):
+            elif stat.S_ISDIR(mode):
                 if child.name.startswith(TMP_PREFIX):
                     leftovers.append(Path(child.path))
                 else:
                     others.append(child.name)
-            elif stat.S_ISREG(cst.st_mode):
-                files.append((child.name, cst))
             else:
                 others.append(child.name)
 
@@ -272,48 +285,55 @@ def _parse(path: Path, st: os.stat_result | None, raw_out: list[bytes]) -> Trito
             return NotAKernel(path, "other", f"no files, only sub-directories: {', '.join(sorted(others)[:3])}")
         return NotAKernel(path, "empty", "empty directory")
 
-    names = {name for name, _ in files}
-    size_all = sum(s.st_size for _, s in files)
-    groups = sorted(n for n in names if n.startswith(GROUP_PREFIX) and n.endswith(".json"))
+    size_all = sum(s.st_size for s in files.values())
+    groups = sorted(n for n in files if n.startswith(GROUP_PREFIX) and n.endswith(".json"))
     if not groups:
-        return _classify_groupless(path, names, links, size_all)
+        return _classify_groupless(path, set(files), links, size_all)
 
     group_name = groups[0]
     if len(groups) > 1:
         logger.debug("%s: several group files, using %s", path, group_name)
     meta_name = group_name[len(GROUP_PREFIX) :]
     kernel_name = meta_name[: -len(".json")]
-    group_path = path / group_name
     try:
-        group_json = _read_json(group_path)
+        group_json = _read_json(os.path.join(path_s, group_name))
     except (ValueError, UnicodeDecodeError) as exc:
         return NotAKernel(path, "unparsable", f"corrupt group file {group_name}: {exc}", size_all)
     if not isinstance(group_json, Mapping) or "child_paths" not in group_json:
         return NotAKernel(path, "unparsable", f"group file {group_name} has no child_paths", size_all)
     children = group_children(group_json)
-    linked = sorted(c for c in children if c in links)
-    if linked or meta_name in links:
-        what = ", ".join(linked) or meta_name
-        return NotAKernel(path, "symlink", f"entry files are symbolic links (not followed): {what}", size_all)
-    missing = sorted(c for c in children if c not in names)
+    if links:
+        linked = sorted(c for c in children if c in links)
+        if linked or meta_name in links:
+            what = ", ".join(linked) or meta_name
+            return NotAKernel(path, "symlink", f"entry files are symbolic links (not followed): {what}", size_all)
+    missing = [c for c in children if c not in files]
     if missing:
-        return NotAKernel(path, "truncated", f"group file lists missing files: {', '.join(missing)}", size_all)
-    if meta_name not in names:
+        return NotAKernel(path, "truncated", f"group file lists missing files: {', '.join(sorted(missing))}", size_all)
+    meta_st = files.get(meta_name)
+    if meta_st is None:
         return NotAKernel(path, "truncated", f"metadata file {meta_name} is missing", size_all)
 
-    meta_path = path / meta_name
     try:
-        metadata = _read_json(meta_path, raw_out)
+        metadata = _read_json(os.path.join(path_s, meta_name), raw_out)
     except (ValueError, UnicodeDecodeError) as exc:
         return NotAKernel(path, "unparsable", f"corrupt metadata {meta_name}: {exc}", size_all)
     if not isinstance(metadata, Mapping):
         return NotAKernel(path, "unparsable", f"metadata {meta_name} is not a JSON object", size_all)
 
-    target = metadata.get("target") if isinstance(metadata.get("target"), Mapping) else {}
-    entry_files = tuple(
-        EntryFile(name, "json" if name == meta_name else _file_type(name, kernel_name), s.st_size)
-        for name, s in sorted(files)
-    )
+    target = metadata.get("target")
+    if not isinstance(target, Mapping):
+        target = {}
+    prefix_len = len(kernel_name) + 1
+    entry_files = []
+    for fname in sorted(files):
+        if fname == meta_name:
+            ftype = "json"
+        elif fname.startswith(kernel_name) and fname[len(kernel_name) : prefix_len] == ".":
+            ftype = fname[prefix_len:].lower() or "other"
+        else:
+            ftype = _file_type(fname, None)
+        entry_files.append(EntryFile(fname, ftype, files[fname].st_size))
     backend = _normalise_backend(target.get("backend")) or _normalise_backend(metadata.get("backend_name"))
     if backend is None:
         types = {f.type for f in entry_files}
@@ -327,7 +347,6 @@ def _parse(path: Path, st: os.stat_result | None, raw_out: list[bytes]) -> Trito
     tv = metadata.get("triton_version")
     digest = metadata.get("hash")
     name = metadata.get("name") if isinstance(metadata.get("name"), str) and metadata.get("name") else kernel_name
-    meta_st = dict(files)[meta_name]
     return TritonEntry(
         key=path.name,
         path=path,
@@ -342,8 +361,8 @@ def _parse(path: Path, st: os.stat_result | None, raw_out: list[bytes]) -> Trito
         ptx_version=_as_int(metadata.get("ptx_version")),
         triton_version=str(tv) if tv is not None else None,
         hash=str(digest) if digest is not None else None,
-        files=entry_files,
-        group_file=group_path,
+        files=tuple(entry_files),
+        group_file=path / group_name,
         metadata=metadata,
         total_size=size_all,
         modified=meta_st.st_mtime,
