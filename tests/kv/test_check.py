@@ -173,3 +173,17 @@ def test_sigkill_inside_a_put_leaves_a_recoverable_pool(make_pool, tmp_path: Pat
     assert used == sum(-(-len(v) // 4096) * 4096 for v in values.values()), "no blocks leaked"
     assert pool.put("victim", b"again")
     assert pool.get("victim") == b"again"
+
+
+def test_damaged_header_geometry_is_refused_on_open(make_pool) -> None:
+    from infercache.errors import BadInputError
+    from infercache.kv.layout import HDR_TABLE_OFF
+
+    pool = make_pool(size="1M")
+    pool._hq[HDR_TABLE_OFF] += 4096
+    try:
+        with pytest.raises(BadInputError, match="damaged pool header"):
+            Pool.open(pool.name)
+    finally:
+        pool._hq[HDR_TABLE_OFF] -= 4096
+    Pool.open(pool.name).close()

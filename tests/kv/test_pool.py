@@ -326,3 +326,20 @@ def test_table_capacity_limits_entries_and_evicts(make_pool) -> None:
     assert pool.stats()["entries"] == cap
     assert pool.stats()["evictions"] == 50
     assert pool.check().ok
+
+
+def test_half_built_pool_files_of_dead_builders_are_swept(make_pool) -> None:
+    """A create/restore killed before its final rename leaves .infercache-tmp-<pid>-*; the next build removes it."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = Path("/dev/shm") / f".infercache-tmp-{dead_pid}-feedface"
+    alive = Path("/dev/shm") / f".infercache-tmp-{os.getpid()}-cafebabe"
+    stale.write_bytes(b"half a pool")
+    alive.write_bytes(b"someone is building this")
+    try:
+        make_pool(size="1M")
+        assert not stale.exists()
+        assert alive.exists(), "a live builder's file is left alone"
+    finally:
+        for path in (stale, alive):
+            path.unlink(missing_ok=True)

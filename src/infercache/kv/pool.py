@@ -242,6 +242,10 @@ class Pool:
         self.block_size = hq[HDR_BLOCK_SIZE]
         self.n_blocks = hq[HDR_N_BLOCKS]
         self.capacity_entries = hq[HDR_TABLE_CAP]
+        problem = _header_problem(hq, size)
+        if problem:
+            self._release_views()
+            raise BadInputError(f"{path}: damaged pool header ({problem})")
         self.policy = POLICY_NAMES.get(hq[HDR_POLICY], "lru")
         self.tier = TIERS[hq[HDR_TIER]] if hq[HDR_TIER] < len(TIERS) else "cpu"
         self._s3 = self.policy == "s3fifo"
@@ -335,7 +339,8 @@ class Pool:
         populate: Callable[["Pool"], None] | None,
     ) -> "Pool":
         """Format a new pool under a temporary name, fill it (`populate`), then link it into place."""
-        tmp = target.parent / f".infercache-tmp-{uuid.uuid4().hex}"
+        _sweep_stale_temps(target.parent)
+        tmp = target.parent / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         pool = None
         try:
@@ -442,18 +447,23 @@ class Pool:
             pass
 
     def _release_views(self) -> None:
+        """Drop every view of the mapping, then unmap; a view still exported elsewhere (a numpy
+        array a caller kept) only delays the unmap to garbage collection."""
+        views = []
         for attr in ("_index", "_alloc"):
             obj = getattr(self, attr, None)
             if obj is not None:
-                obj.release()
+                views.append(obj.release)
         for attr in ("_free", "_ghost", "_tq", "_td", "_ts", "_hq", "_hd", "_mv"):
             view = getattr(self, attr, None)
             if view is not None:
-                view.release()
-        try:
-            self._mm.close()
-        except BufferError:  # a caller still holds a numpy view into the pool: the GC unmaps later
-            log.debug("pool %s: mapping still exported; left to the garbage collector", self.name)
+                views.append(view.release)
+        views.append(self._mm.close)
+        for release in views:
+            try:
+                release()
+            except BufferError:
+                log.debug("pool %s: mapping still exported; left to the garbage collector", self.name)
 
     def __enter__(self) -> "Pool":
         return self
@@ -1497,6 +1507,54 @@ class Pool:
                 hq[word] = value
             hq[HDR_CLOCK] = max_tick + 1
             self._hd[HDR_CREATED] = header.created
+
+
+_TMP_PREFIX = ".infercache-tmp-"
+
+
+def _sweep_stale_temps(directory: Path) -> None:
+    """Remove half-built pool files (ours, named .infercache-tmp-<pid>-<hex>) whose builder died.
+
+    A create or restore killed before its final link leaves such a file; nothing else refers
+    to it, and only files of this exact pattern, owned by us, with a dead pid, are touched.
+    """
+    try:
+        candidates = [p for p in directory.iterdir() if p.name.startswith(_TMP_PREFIX)]
+    except OSError:
+        return
+    for path in candidates:
+        pid_text = path.name[len(_TMP_PREFIX) :].split("-", 1)[0]
+        try:
+            if not pid_text.isdigit() or path.stat().st_uid != os.getuid() or _pid_alive(int(pid_text)):
+                continue
+            path.unlink()
+            log.info("removed %s left by a pool build that did not finish", path)
+        except OSError:
+            continue
+
+
+def _header_problem(hq: memoryview, file_size: int) -> str | None:
+    """Why the header's geometry words cannot be trusted, or None (they are all derived from
+    block size and block count, so recomputing them catches any damage)."""
+    bs, n_blocks = hq[HDR_BLOCK_SIZE], hq[HDR_N_BLOCKS]
+    if bs < 64 or bs & (bs - 1) or not 0 < n_blocks <= MAX_BLOCKS:
+        return f"block size {bs}, {n_blocks} blocks"
+    g = compute_geometry(n_blocks * bs, bs)
+    expected = {
+        "table capacity": (HDR_TABLE_CAP, g.table_cap), "index capacity": (HDR_INDEX_CAP, g.index_cap),
+        "ghost capacity": (HDR_GHOST_CAP, g.ghost_cap), "allocator offset": (HDR_ALLOC_OFF, g.alloc_off),
+        "table offset": (HDR_TABLE_OFF, g.table_off), "index offset": (HDR_INDEX_OFF, g.index_off),
+        "free-slot offset": (HDR_FREE_OFF, g.free_off), "ghost offset": (HDR_GHOST_OFF, g.ghost_off),
+        "data offset": (HDR_DATA_OFF, g.data_off), "file size": (HDR_FILE_SIZE, g.file_size),
+    }  # fmt: skip
+    for label, (word, value) in expected.items():
+        if hq[word] != value:
+            return f"{label} {hq[word]} != {value}"
+    if g.file_size != file_size:
+        return f"file is {file_size} bytes, geometry needs {g.file_size}"
+    if hq[HDR_POLICY] not in POLICY_NAMES or hq[HDR_TIER] >= len(TIERS):
+        return "unknown policy or tier"
+    return None
 
 
 def _format(fd: int, g: Geometry, policy: str, tier: str, name: str) -> None:
