@@ -109,6 +109,14 @@ def test_view_lifetime_and_reentry(make_pool) -> None:
     with pool.view("absent") as view:
         assert view is None
     assert pool.get("k") == b"hello world"
+    second = Pool.open(pool.name)  # another handle on the same pool, same thread
+    try:
+        with pool.view("k") as view:
+            with pytest.raises(InfercacheError, match="view"):
+                second.put("k", b"would deadlock on the other handle's flock")
+        assert second.put("k", b"fine now")
+    finally:
+        second.close()
 
 
 def test_prefix_tags(make_pool) -> None:

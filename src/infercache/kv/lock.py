@@ -11,6 +11,7 @@ internal code is split into `_locked` helpers that assume the lock is held.
 from __future__ import annotations
 
 import fcntl
+import os
 import threading
 from contextlib import contextmanager
 from typing import Iterator
@@ -25,17 +26,23 @@ class LockHeldError(InfercacheError):
 class PoolLock:
     """Exclusive (writers, metadata) and shared (long copies out) sections over one fd."""
 
+    # (device, inode) of every pool file whose lock a thread of this process holds -> thread id:
+    # two Pool objects on one pool have separate flock handles that would block each other.
+    _held: dict[tuple[int, int], int] = {}
+
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        st = os.fstat(fd)
+        self._file = (st.st_dev, st.st_ino)
         self._thread_lock = threading.Lock()
         self._owner: int | None = None
 
     def _acquire(self, mode: int) -> None:
         me = threading.get_ident()
-        if self._owner == me:
+        if self._owner == me or PoolLock._held.get(self._file) == me:
             raise LockHeldError(
                 "this thread already holds the pool lock (pool methods cannot be called inside "
-                "`with pool.view(...)`; leave the block first)"
+                "`with pool.view(...)`, on any Pool object of that pool; leave the block first)"
             )
         self._thread_lock.acquire()
         try:
@@ -44,9 +51,11 @@ class PoolLock:
             self._thread_lock.release()
             raise
         self._owner = me
+        PoolLock._held[self._file] = me
 
     def _release(self) -> None:
         self._owner = None
+        PoolLock._held.pop(self._file, None)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         finally:
@@ -71,3 +80,7 @@ class PoolLock:
     @property
     def held_by_me(self) -> bool:
         return self._owner == threading.get_ident()
+
+
+# A forked child holds none of its parent's pool locks (Pool objects reopen their handle there).
+os.register_at_fork(after_in_child=PoolLock._held.clear)
