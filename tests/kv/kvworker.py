@@ -104,8 +104,9 @@ def reader(name: str, reader_id: int, keys: list[str], stop_file: str, min_hits:
     Every value seen is verified; half the reads go through the zero-copy view when available.
     """
     pool = _open(name)
-    hits = misses = views = loops = 0
+    hits = misses = views = loops = early_hits = 0
     use_view = hasattr(pool, "view")
+    Path(f"{stop_file}.ready{reader_id}").touch()  # attached: the parent starts the writers now
     while loops < max_loops:
         loops += 1
         for i, key in enumerate(keys):
@@ -124,12 +125,16 @@ def reader(name: str, reader_id: int, keys: list[str], stop_file: str, min_hits:
                 continue
             verify_value(key, value)
             hits += 1
-        if hits >= min_hits and os.path.exists(stop_file):
-            break
+        if os.path.exists(stop_file):
+            if hits >= min_hits:
+                break
+        else:
+            early_hits = hits  # values verified while the writers were still writing
         if hits == 0:
             time.sleep(0.01)  # nothing written yet: don't spin the shared CPU
     pool.close()
-    _emit({"role": "reader", "id": reader_id, "hits": hits, "misses": misses, "views": views, "loops": loops})
+    _emit({"role": "reader", "id": reader_id, "hits": hits, "early_hits": early_hits, "misses": misses,
+           "views": views, "loops": loops})  # fmt: skip
 
 
 def stream(name: str, writer_id: int, small: int, large: int, limit: int) -> None:

@@ -73,6 +73,13 @@ def test_two_writers_two_readers_every_value_verified(pool_name: str, tmp_path: 
     stop_file = tmp_path / "stop"
 
     readers = [_spawn("reader", pool_name, r, keys_file, stop_file, 200, 100_000) for r in (0, 1)]
+    for r, proc in enumerate(readers):  # both readers attached before any writer starts
+        ready = Path(f"{stop_file}.ready{r}")
+        for _ in range(WORKER_TIMEOUT * 100):
+            if ready.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert ready.exists(), f"reader {r} never attached: {proc.poll()}"
     writers = [_spawn("writer", pool_name, w, count, small, large, shared, rounds) for w in (0, 1)]
     writer_results = [_finish(p)[-1] for p in writers]
     stop_file.touch()
@@ -82,7 +89,9 @@ def test_two_writers_two_readers_every_value_verified(pool_name: str, tmp_path: 
         assert res["puts"] == (count + shared) * rounds
         assert res["failed"] == 0, "the pool is big enough: no put may fail"
     for res in reader_results:
-        assert res["hits"] >= 200, res  # each reader verified values while writers ran
+        assert res["hits"] >= 200, res
+        assert res["views"] > 0, "half the reads go through the zero-copy view"
+    assert sum(res["early_hits"] for res in reader_results) > 0, "readers verified values while writers wrote"
 
     from infercache.kv import Pool
 
