@@ -112,6 +112,46 @@ def test_two_writers_two_readers_every_value_verified(pool_name: str, tmp_path: 
         pool.close()
 
 
+def test_writers_overfilling_a_small_pool_evict_across_processes(pool_name: str, tmp_path: Path) -> None:
+    """Two writers put ~10x the pool's size while two readers read: eviction runs all the time.
+
+    No put may fail or hang (there is always something evictable), no reader may see a
+    torn or foreign value, and the pool stays within its size and consistent.
+    """
+    _cli_create(pool_name, "8M", "--policy", "s3fifo")
+    count, shared, rounds, small, large = 200, 20, 2, 20_000, 200_000
+    keys = [f"w{w}-k{i}" for w in (0, 1) for i in range(count)] + [f"shared-k{i}" for i in range(shared)]
+    keys_file = tmp_path / "keys.json"
+    keys_file.write_text(json.dumps(keys))
+    stop_file = tmp_path / "stop"
+    readers = [_spawn("reader", pool_name, r, keys_file, stop_file, 20, 100_000) for r in (0, 1)]
+    writers = [_spawn("writer", pool_name, w, count, small, large, shared, rounds) for w in (0, 1)]
+    writer_results = [_finish(p)[-1] for p in writers]
+    stop_file.touch()
+    reader_results = [_finish(p)[-1] for p in readers]
+    assert all(res["failed"] == 0 for res in writer_results), writer_results
+    assert all(res["hits"] >= 20 for res in reader_results), reader_results
+
+    from infercache.kv import Pool
+
+    pool = Pool.open(pool_name)
+    try:
+        stats = pool.stats()
+        assert stats["evictions"] > 0 and stats["used_bytes"] <= stats["size_bytes"]
+        assert 0 < stats["entries"] < len(keys)
+        present = 0
+        for key in keys:
+            value = pool.get(key)
+            if value is not None:
+                verify_value(key, value)
+                present += 1
+        assert present == stats["entries"]
+        report = pool.check()
+        assert report.ok, report.problems
+    finally:
+        pool.close()
+
+
 def _done_keys(lines: list[str]) -> list[str]:
     """Keys the victim announced as put, from its stdout lines (the last may be cut by the kill)."""
     done = []
