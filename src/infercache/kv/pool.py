@@ -1181,7 +1181,6 @@ class Pool:
         beyond = np.flatnonzero(states[hwm:] != ST_FREE)
         if len(beyond):
             problems.append(f"{len(beyond)} entries lie above the slot high-water mark {hwm}")
-        rows = full[:hwm]
         st = states[:hwm]
         bad_state = np.flatnonzero((st != ST_FREE) & (st != ST_WRITING) & (st != ST_PUBLISHED))
         if len(bad_state):
