@@ -116,16 +116,19 @@ class ExtractedFile:
     sha256: str
 
 
-class _Staging:
+class StagingState:
     """Creates paths under the staging root, never through anything but real directories.
 
-    Directories created (or checked) here are remembered: a directory can never be turned
-    into a link later (replacing a directory is refused), so they need no second lstat.
+    The staging dir starts empty (a fresh mkdtemp), so everything in it was made here:
+    directories created are remembered (a directory can never be turned into a link later,
+    replacing one is refused), and only paths made earlier need a check before reuse.
+    Pass the same state to every layer of one image.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = str(root)
         self._dirs: set[str] = set()
+        self._made: set[str] = set()
 
     def ensure_dirs(self, parts: tuple[str, ...]) -> str:
         current = self.root
@@ -150,6 +153,9 @@ class _Staging:
         """A later duplicate member replaces an earlier file or link, never a directory."""
         if rel in self._dirs:
             raise UnsafeImageError(f"entry {rel} would replace a directory")
+        if rel not in self._made:
+            self._made.add(rel)
+            return
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -159,6 +165,77 @@ class _Staging:
         os.unlink(path)
 
 
+def _create_file(target: str, data: bytes, rel: str) -> ExtractedFile:
+    """Create a new file (never through a link) holding `data`; returns its size and sha256."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(target, flags, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ELOOP):
+            raise UnsafeImageError(f"entry {rel} collides with a link") from None
+        raise
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    return ExtractedFile(len(data), hashlib.sha256(data).hexdigest())
+
+
+class _FileWriter:
+    """Writes small files on a few threads while the tar stream is read on the caller's thread.
+
+    Unpacking a cache is thousands of small files: the time goes to file creation (syscall
+    and journal latency, GIL released), not to Python; `tar -x` does them one by one. The
+    caller flushes before anything that depends on earlier files (links, duplicate paths)
+    and in-flight data is bounded.
+    """
+
+    def __init__(self, threads: int, max_bytes: int = 32 << 20) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="infercache-unpack") if threads > 1 else None
+        self._pending: dict[str, Any] = {}
+        self._bytes = 0
+        self._max = max_bytes
+        self.results: dict[str, ExtractedFile] = {}
+
+    @property
+    def parallel(self) -> bool:
+        return self._pool is not None
+
+    def pending(self, rel: str) -> bool:
+        return rel in self._pending
+
+    def submit(self, rel: str, target: str, data: bytes) -> None:
+        assert self._pool is not None
+        if self._bytes + len(data) > self._max or len(self._pending) >= 256:
+            self.flush()
+        self._pending[rel] = self._pool.submit(_create_file, target, data, rel)
+        self._bytes += len(data)
+
+    def flush(self) -> None:
+        """Wait for every pending write; the first failure is raised after all have finished."""
+        error: BaseException | None = None
+        for rel, future in self._pending.items():
+            try:
+                self.results[rel] = future.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others finished
+                error = error or exc
+        self._pending.clear()
+        self._bytes = 0
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+
+#: Files up to this size are read whole and written by the thread pool; bigger ones stream.
+_PARALLEL_MAX_FILE = 4 << 20
+
+
 def extract_layer(
     stream: BinaryIO,
     compressed_size: int,
@@ -166,6 +243,8 @@ def extract_layer(
     allowed_top: Iterable[str],
     limits: ExtractLimits | None = None,
     progress: Callable[[int], None] | None = None,
+    threads: int = 4,
+    state: StagingState | None = None,
 ) -> dict[str, ExtractedFile]:
     """Extract one (possibly compressed) tar layer into `staging`; returns {regular file: size and sha256}.
 
@@ -175,14 +254,16 @@ def extract_layer(
     """
     limits = limits or ExtractLimits()
     allowed = frozenset(allowed_top)
-    place = _Staging(Path(staging))
+    place = state or StagingState(Path(staging))
     counting = _CountingReader(open_decompressed(stream), compressed_size, limits)
-    written: dict[str, ExtractedFile] = {}
+    writer = _FileWriter(threads)
+    written = writer.results
     members = 0
     try:
         # A small stream buffer: tarfile's stream mode re-joins its whole buffer on every header read.
         tar = tarfile.open(fileobj=counting, mode="r|", bufsize=_TAR_BUFSIZE)  # type: ignore[call-overload]
     except tarfile.TarError as exc:
+        writer.close()
         raise UnsafeImageError(f"layer is not a valid tar archive: {exc}") from None
     try:
         for member in _members(tar):
@@ -205,16 +286,24 @@ def extract_layer(
                         f"entry {rel} declares {member.size} bytes, more than the layer may expand to "
                         f"({counting.limit} bytes for {compressed_size} compressed): refused as a decompression bomb"
                     )
+                if writer.pending(rel):
+                    writer.flush()  # a duplicate path: the earlier write must land before it is replaced
                 place.remove_existing(rel, target)
-                written[rel] = ExtractedFile(member.size, _write_member(tar, member, target))
+                if writer.parallel and member.size <= _PARALLEL_MAX_FILE:
+                    data = _read_member(tar, member)
+                    writer.submit(rel, target, data)
+                else:
+                    written[rel] = ExtractedFile(member.size, _write_member(tar, member, target))
                 if progress is not None:
                     progress(counting.count)
             elif member.issym():
+                writer.flush()
                 _check_symlink(member, parts)
                 place.remove_existing(rel, target)
                 written.pop(rel, None)
                 os.symlink(member.linkname, target)
             elif member.islnk():
+                writer.flush()
                 link_parts = safe_member_path(member.linkname, allowed)
                 if link_parts is None or link_parts[0] != parts[0]:
                     raise UnsafeImageError(f"hard link {rel} → {member.linkname} leaves its directory")
@@ -235,7 +324,10 @@ def extract_layer(
     except EOFError:
         raise UnsafeImageError("layer is truncated (unexpected end of data)") from None
     finally:
-        tar.close()
+        try:
+            writer.close()  # never return (and let the caller clean staging) with writes in flight
+        finally:
+            tar.close()
     return written
 
 
@@ -257,6 +349,14 @@ def _check_symlink(member: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
     resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), link))
     if resolved == ".." or resolved.startswith("../") or resolved.split("/")[0] != parts[0]:
         raise UnsafeImageError(f"symlink {rel} → {link} points outside its directory: refused")
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    source = tar.extractfile(member)
+    data = source.read(member.size) if source is not None else b""
+    if len(data) != member.size:
+        raise UnsafeImageError(f"layer is truncated inside {member.name}")
+    return data
 
 
 def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: str) -> str:

@@ -30,7 +30,7 @@ from infercache import paths
 from infercache.errors import BadInputError, InfercacheError
 from infercache.vault import labels as L
 from infercache.vault.check import CheckResult, evaluate, local_targets
-from infercache.vault.extract import ExtractedFile, ExtractLimits, UnsafeImageError, extract_layer
+from infercache.vault.extract import ExtractedFile, ExtractLimits, StagingState, UnsafeImageError, extract_layer
 from infercache.vault.image import VerifyingReader, config_labels, load_image
 from infercache.vault.transport import ImageReference, RegistryOptions, open_source
 
@@ -208,7 +208,8 @@ class _Installer:
 
     def install(self, staged: Path, final: Path, overwrite: bool) -> str:
         """'extracted' | 'replaced' | 'present'."""
-        if not _inside(final, self.dest):
+        # Triton keys are one path component (checked lexically); deeper vLLM paths are resolved.
+        if final.parent != self.dest and not _inside(final, self.dest):
             raise UnsafeImageError(f"{final} would land outside {self.dest}")
         backup = None
         if os.path.lexists(final):
@@ -290,6 +291,7 @@ def unpack(
             total = sum(layer.size for layer in manifest.layers)
             done = 0
             hashes: dict[str, ExtractedFile] = {}
+            state = StagingState(staging)
             for layer in manifest.layers:
                 reader = VerifyingReader(source.open_blob(layer), layer, "layer")
                 try:
@@ -299,7 +301,8 @@ def unpack(
                         if progress is not None:
                             progress(min(base + reader._read, total), total)  # noqa: SLF001
 
-                    hashes.update(extract_layer(reader, layer.size, staging, L.TOP_LEVEL_DIRS, limits, _progress))
+                    hashes.update(extract_layer(reader, layer.size, staging, L.TOP_LEVEL_DIRS, limits, _progress,
+                                                state=state))
                     reader.verify_to_end()  # staged bytes are trusted only once the digest matched
                 finally:
                     reader.close()
