@@ -297,8 +297,8 @@ def test_gpu_tier_without_cuda_torch(data_dir: Path) -> None:
 
 def test_bad_keys_values_and_options(make_pool) -> None:
     pool = make_pool(size="64K", block_size="1K")
-    with pytest.raises(BadInputError, match="128"):
-        pool.put("k" * 129, b"x")
+    with pytest.raises(BadInputError, match="1024"):
+        pool.put("k" * 1025, b"x")
     with pytest.raises(BadInputError):
         pool.put("", b"x")
     with pytest.raises(BadInputError):
@@ -351,3 +351,31 @@ def test_half_built_pool_files_of_dead_builders_are_swept(make_pool) -> None:
     finally:
         for path in (stale, alive):
             path.unlink(missing_ok=True)
+
+
+def test_long_keys_live_with_their_data(make_pool, tmp_path: Path) -> None:
+    """Keys over 128 bytes (e.g. model@world@worker@sha256@dtype with a long model name) are kept
+    at the start of the entry's blocks: lookups, eviction, prefixes, check and snapshots work."""
+    pool = make_pool(size="64K", block_size="1K", policy="fifo")
+    long_a = "meta-llama/" + "x" * 150 + "@1@0@" + "ab" * 32 + "@float16"
+    long_b = "b" * 1024
+    assert pool.put(long_a, b"A" * 1000, prefix="p")  # 1000 + 226 bytes: two blocks
+    assert pool.put(long_b, b"B" * 3000)
+    assert pool.put("short", b"S" * 10)
+    assert pool.info(long_a)["blocks"] == 2
+    assert pool.get(long_a) == b"A" * 1000 and pool.get(long_b) == b"B" * 3000
+    assert pool.find_by_prefix("p") == [long_a]
+    assert set(pool.keys()) == {long_a, long_b, "short"}
+    assert pool.check().ok
+    snapshot = tmp_path / "long.kvsnap"
+    pool.persist(snapshot)
+    restored = Pool.restore(snapshot, name=pool.name + "-r")
+    try:
+        assert restored.get(long_b) == b"B" * 3000 and restored.get(long_a) == b"A" * 1000
+        assert restored.check().ok
+    finally:
+        restored.close()
+        Pool.destroy(pool.name + "-r")
+    assert pool.delete(long_a) and pool.get(long_a) is None
+    assert pool.evict(percent=100) == 2
+    assert pool.stats()["used_bytes"] == 0 and pool.check().ok

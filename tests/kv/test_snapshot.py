@@ -117,9 +117,9 @@ def test_persist_of_an_empty_pool(make_pool, snaps: Path) -> None:
         Pool.destroy(pool.name + "-2")
 
 
-def _damaged_variants(data: bytes, n_entries: int) -> dict[str, bytes]:
+def _damaged_variants(data: bytes, keys: list[str]) -> dict[str, bytes]:
     header_end = snap.PREAMBLE.size + snap.HEADER.size + snap.CRC.size
-    records_end = header_end + n_entries * snap.RECORD.size + snap.CRC.size
+    records_end = header_end + len(keys) * snap.RECORD.size + sum(len(k) for k in keys) + snap.CRC.size
 
     def flip(pos: int) -> bytes:
         raw = bytearray(data)
@@ -148,7 +148,7 @@ def test_damaged_snapshots_are_refused_and_nothing_is_created(make_pool, snaps: 
     pool.persist(good)
     data = good.read_bytes()
     registered_before = {row["name"] for row in Pool.list_pools()}
-    for label, raw in _damaged_variants(data, len(values)).items():
+    for label, raw in _damaged_variants(data, list(values)).items():
         bad = snaps / f"{label}.kvsnap"
         bad.write_bytes(raw)
         with pytest.raises(BadInputError):

@@ -63,7 +63,8 @@ TIERS = ("cpu", "disk")
 ENTRY_BYTES = 256
 ENTRY_WORDS = ENTRY_BYTES // 8
 KEY_OFFSET = 128  # key bytes live in the second half of the record
-KEY_MAX = ENTRY_BYTES - KEY_OFFSET  # 128 bytes
+KEY_INLINE = ENTRY_BYTES - KEY_OFFSET  # keys up to 128 bytes live in the record
+KEY_MAX = 1024  # longer keys live at the start of the entry's blocks (flag F_KEY_IN_DATA)
 
 E_STATE = 0  # low 8 bits: state; high bits: generation (bumped on every reuse of the slot)
 E_HASH = 1
@@ -91,6 +92,7 @@ F_KEY_STR = 2
 F_S3_MAIN = 4
 F_S3_FREQ_SHIFT = 3  # 2 bits
 F_S3_FREQ_MASK = 3 << F_S3_FREQ_SHIFT
+F_KEY_IN_DATA = 32
 
 DTYPE_FIELDS = [
     ("state", "<u8"),
@@ -109,7 +111,7 @@ DTYPE_FIELDS = [
     ("prefix", "<u8"),
     ("itick", "<u8"),
     ("atick", "<u8"),
-    ("key", f"V{KEY_MAX}"),
+    ("key", f"V{KEY_INLINE}"),
 ]
 
 

@@ -35,12 +35,12 @@ from infercache.kv.allocator import MAX_BLOCKS, Allocator
 from infercache.kv.index import KeyIndex
 from infercache.kv.layout import (
     E_ATICK, E_ATIME, E_CHECK, E_COUNT, E_CREATED, E_EXPIRY, E_FLAGS, E_HASH, E_ITICK, E_NBLOCKS, E_PINS,
-    E_PREFIX, E_PRIORITY, E_SIZE, E_START, E_STATE, ENTRY_BYTES, ENTRY_WORDS, F_HAS_PREFIX, F_KEY_STR,
+    E_PREFIX, E_PRIORITY, E_SIZE, E_START, E_STATE, ENTRY_BYTES, ENTRY_WORDS, F_HAS_PREFIX, F_KEY_IN_DATA, F_KEY_STR,
     F_S3_FREQ_MASK, F_S3_FREQ_SHIFT, F_S3_MAIN, HDR_ALLOC_OFF, HDR_BLOCK_SIZE, HDR_BYTES_IN, HDR_BYTES_OUT,
     HDR_CLOCK, HDR_CREATED, HDR_DATA_OFF, HDR_DIRTY, HDR_ENTRIES, HDR_EVICTIONS, HDR_EXPIRED, HDR_FILE_SIZE,
     HDR_FREE_OFF, HDR_FREE_TOP, HDR_GHOST_CAP, HDR_GHOST_OFF, HDR_GHOST_POS, HDR_HITS, HDR_HWM, HDR_INDEX_CAP,
     HDR_INDEX_OFF, HDR_MAGIC, HDR_MISSES, HDR_N_BLOCKS, HDR_POLICY, HDR_PUTS, HDR_REPAIRS, HDR_TABLE_CAP,
-    HDR_TABLE_OFF, HDR_TIER, HDR_VALUE_BYTES, HDR_VERSION, HEADER_BYTES, KEY_MAX, KEY_OFFSET, LAYOUT_VERSION,
+    HDR_TABLE_OFF, HDR_TIER, HDR_VALUE_BYTES, HDR_VERSION, HEADER_BYTES, KEY_INLINE, KEY_MAX, KEY_OFFSET, LAYOUT_VERSION,
     MAGIC, NAME_MAX, NAME_OFFSET, ST_FREE, ST_PUBLISHED, ST_WRITING, TIERS, Geometry, compute_geometry,
     entry_dtype,
 )  # fmt: skip
@@ -100,7 +100,7 @@ def _key_bytes(key: str | bytes) -> tuple[bytes, int]:
     if not kb:
         raise BadInputError("key must not be empty")
     if len(kb) > KEY_MAX:
-        raise BadInputError(f"key is {len(kb)} bytes; at most {KEY_MAX} (hash long keys first)")
+        raise BadInputError(f"key is {len(kb)} bytes; at most {KEY_MAX} (hash longer keys first)")
     return kb, flag
 
 
@@ -545,8 +545,12 @@ class Pool:
 
     # ------------------------------------------------------------------ entry helpers
     def _key_of(self, e: int) -> bytes:
-        klen = (self._tq[e * ENTRY_WORDS + E_CHECK] >> 32) & 0xFFFF
-        base = self._table_off + e * ENTRY_BYTES + KEY_OFFSET
+        w = e * ENTRY_WORDS
+        klen = (self._tq[w + E_CHECK] >> 32) & 0xFFFF
+        if self._tq[w + E_FLAGS] & F_KEY_IN_DATA:
+            base = self._data_off + self._tq[w + E_START] * self.block_size
+        else:
+            base = self._table_off + e * ENTRY_BYTES + KEY_OFFSET
         return self._mv[base : base + klen].tobytes()
 
     def _find(self, kb: bytes, h: int) -> int:
@@ -555,7 +559,15 @@ class Pool:
     def _data(self, e: int) -> memoryview:
         w = e * ENTRY_WORDS
         off = self._data_off + self._tq[w + E_START] * self.block_size
+        if self._tq[w + E_FLAGS] & F_KEY_IN_DATA:  # a long key precedes the value
+            off += (self._tq[w + E_CHECK] >> 32) & 0xFFFF
         return self._mv[off : off + self._tq[w + E_SIZE]]
+
+    def _blocks_needed(self, e: int) -> int:
+        """Blocks entry `e` must own for its value (and its key, when stored with the data)."""
+        w = e * ENTRY_WORDS
+        extra = (self._tq[w + E_CHECK] >> 32) & 0xFFFF if self._tq[w + E_FLAGS] & F_KEY_IN_DATA else 0
+        return -(-(self._tq[w + E_SIZE] + extra) // self.block_size)
 
     def _tick(self) -> int:
         t = self._hq[HDR_CLOCK] + 1
@@ -710,7 +722,10 @@ class Pool:
         src = _value_view(value)
         size = src.nbytes
         bs = self.block_size
-        nblocks = -(-size // bs)
+        extra = len(kb) if len(kb) > KEY_INLINE else 0
+        if extra:
+            flags |= F_KEY_IN_DATA
+        nblocks = -(-(size + extra) // bs)
         if nblocks > self.n_blocks:
             raise BadInputError(
                 f"value of {size} bytes ({format_size(size)}) is larger than pool {self.name!r} "
@@ -800,7 +815,10 @@ class Pool:
         tq[w + E_PREFIX] = prefix_hash
         tq[w + E_ITICK] = tick
         tq[w + E_ATICK] = tick
-        base = self._table_off + e * ENTRY_BYTES + KEY_OFFSET
+        if flags & F_KEY_IN_DATA:
+            base = self._data_off + start * self.block_size
+        else:
+            base = self._table_off + e * ENTRY_BYTES + KEY_OFFSET
         self._mv[base : base + len(kb)] = kb
         tq[w + E_STATE] = (tq[w + E_STATE] >> 8) << 8 | ST_WRITING  # last: the record is complete
         return e
@@ -1189,12 +1207,11 @@ class Pool:
         writing = np.flatnonzero(st == ST_WRITING)
         used: list[tuple[int, int]] = []
         keys: dict[bytes, int] = {}
-        bs = self.block_size
         value_bytes = 0
         for e in published.tolist() + writing.tolist():
             w = e * ENTRY_WORDS
             start, nb, size = self._tq[w + E_START], self._tq[w + E_NBLOCKS], self._tq[w + E_SIZE]
-            if nb != -(-size // bs) or start + nb > self.n_blocks:
+            if nb != self._blocks_needed(e) or start + nb > self.n_blocks:
                 problems.append(f"entry {e}: blocks {start}+{nb} do not fit a {size}-byte value in the pool")
                 continue
             used.append((start, nb))
@@ -1244,7 +1261,6 @@ class Pool:
         tq = self._tq
         full = np.frombuffer(self._mv, dtype=entry_dtype(), count=cap, offset=self._table_off)
         states = (full["state"] & 0xFF).copy()
-        bs = self.block_size
         live = np.flatnonzero(states != ST_FREE).tolist()
         keep: list[int] = []
         for e in live:
@@ -1254,7 +1270,7 @@ class Pool:
             reason = None
             if st not in (ST_WRITING, ST_PUBLISHED):
                 reason = "unknown state"
-            elif nb != -(-size // bs) or start + nb > self.n_blocks:
+            elif (tq[w + E_CHECK] >> 32) & 0xFFFF > KEY_MAX or nb != self._blocks_needed(e) or start + nb > self.n_blocks:
                 reason = "blocks out of range"
             elif st == ST_WRITING and not _pid_alive(tq[w + E_FLAGS] >> 32):
                 reason = "unpublished, writer gone"
@@ -1348,7 +1364,8 @@ class Pool:
                 header = snap.SnapshotHeader(
                     block_size=self.block_size, n_blocks=self.n_blocks, policy_id=hq[HDR_POLICY],
                     tier_id=hq[HDR_TIER], n_entries=len(slots),
-                    data_bytes=sum(tq[e * ENTRY_WORDS + E_SIZE] for e in slots), hits=hq[HDR_HITS],
+                    data_bytes=sum(tq[e * ENTRY_WORDS + E_SIZE] for e in slots),
+                    keys_bytes=sum((tq[e * ENTRY_WORDS + E_CHECK] >> 32) & 0xFFFF for e in slots), hits=hq[HDR_HITS],
                     misses=hq[HDR_MISSES], evictions=hq[HDR_EVICTIONS], bytes_in=hq[HDR_BYTES_IN],
                     bytes_out=hq[HDR_BYTES_OUT], puts=hq[HDR_PUTS], clock=hq[HDR_CLOCK],
                     created=self._hd[HDR_CREATED], name=self.name,
@@ -1460,7 +1477,12 @@ class Pool:
         offset = handle.tell()
         with self._mutating():
             for rec in records:
-                nblocks = -(-rec.size // self.block_size)
+                klen = len(rec.key)
+                flags = rec.flags & _LOW32 & ~F_KEY_IN_DATA
+                extra = klen if klen > KEY_INLINE else 0
+                if extra:
+                    flags |= F_KEY_IN_DATA
+                nblocks = -(-(rec.size + extra) // self.block_size)
                 e, start = self._pop_slot_locked(), (self._alloc.alloc(nblocks) if nblocks else 0)
                 if e < 0 or start < 0:
                     raise BadInputError("snapshot entries do not fit its own pool geometry (corrupt file)")
@@ -1468,6 +1490,13 @@ class Pool:
                 tq[w + E_START] = start
                 tq[w + E_NBLOCKS] = nblocks
                 tq[w + E_SIZE] = rec.size
+                tq[w + E_FLAGS] = flags
+                tq[w + E_CHECK] = klen << 32
+                if extra:
+                    base = self._data_off + start * self.block_size
+                else:
+                    base = self._table_off + e * ENTRY_BYTES + KEY_OFFSET
+                self._mv[base : base + klen] = rec.key
                 data = self._data(e)
                 got = handle.readinto(data) if rec.size else 0
                 if got != rec.size:
@@ -1481,20 +1510,17 @@ class Pool:
                 if self._find(rec.key, h) >= 0:
                     raise BadInputError(f"snapshot holds key {rec.key!r} twice (corrupt file)")
                 tq[w + E_HASH] = h
-                tq[w + E_CHECK] = len(rec.key) << 32 | check
+                tq[w + E_CHECK] = klen << 32 | check
                 td[w + E_CREATED] = rec.created
                 td[w + E_ATIME] = rec.atime
                 td[w + E_EXPIRY] = rec.expiry
                 tq[w + E_COUNT] = rec.count
                 self._ts[w + E_PRIORITY] = rec.priority
                 tq[w + E_PINS] = rec.pins
-                tq[w + E_FLAGS] = rec.flags & _LOW32
                 tq[w + E_PREFIX] = rec.prefix
                 tq[w + E_ITICK] = rec.itick
                 tq[w + E_ATICK] = rec.atick
                 max_tick = max(max_tick, rec.itick, rec.atick)
-                base = self._table_off + e * ENTRY_BYTES + KEY_OFFSET
-                self._mv[base : base + len(rec.key)] = rec.key
                 self._index.insert(h, e)
                 tq[w + E_STATE] = ST_PUBLISHED
                 hq[HDR_ENTRIES] += 1

@@ -6,7 +6,7 @@ little-endian:
 
     preamble   "ICKVSNAP" u32 version u32 header length
     header     geometry, policy, counters, name            + crc32
-    records    one fixed-size record per published entry    + crc32 of all records
+    records    one record per published entry (fixed part + key bytes) + crc32 of all records
     data       the values, in record order, nothing else    + crc32 of all data
     trailer    "ICKVEND1" u64 offset of the trailer
 
@@ -30,8 +30,8 @@ MAGIC = b"ICKVSNAP"
 END_MAGIC = b"ICKVEND1"
 VERSION = 1
 PREAMBLE = struct.Struct("<8sII")
-HEADER = struct.Struct(f"<QQQQQQQQQQQQQdH{NAME_MAX}s")
-RECORD = struct.Struct(f"<H{KEY_MAX}sQdddQqQQQQQ")
+HEADER = struct.Struct(f"<QQQQQQQQQQQQQQdH{NAME_MAX}s")
+RECORD = struct.Struct("<HQdddQqQQQQQ")  # followed by the key's bytes
 CRC = struct.Struct("<I")
 TRAILER = struct.Struct("<8sQ")
 
@@ -46,6 +46,7 @@ class SnapshotHeader:
     tier_id: int
     n_entries: int
     data_bytes: int  # sum of value sizes in the data section
+    keys_bytes: int  # sum of key lengths in the records section
     hits: int
     misses: int
     evictions: int
@@ -59,12 +60,13 @@ class SnapshotHeader:
     def pack(self) -> bytes:
         name = self.name.encode()
         body = HEADER.pack(self.block_size, self.n_blocks, self.policy_id, self.tier_id, self.n_entries,
-                           self.data_bytes, self.hits, self.misses, self.evictions, self.bytes_in, self.bytes_out,
+                           self.data_bytes, self.keys_bytes, self.hits, self.misses, self.evictions, self.bytes_in, self.bytes_out,
                            self.puts, self.clock, self.created, len(name), name)  # fmt: skip
         return body + CRC.pack(zlib.crc32(body))
 
     def file_size(self) -> int:
-        return (PREAMBLE.size + HEADER.size + CRC.size + self.n_entries * RECORD.size + CRC.size + self.data_bytes
+        return (PREAMBLE.size + HEADER.size + CRC.size + self.n_entries * RECORD.size + self.keys_bytes + CRC.size
+                + self.data_bytes
                 + CRC.size + TRAILER.size)  # fmt: skip
 
 
@@ -86,8 +88,8 @@ class Record:
     atick: int
 
     def pack(self) -> bytes:
-        return RECORD.pack(len(self.key), self.key, self.size, self.created, self.atime, self.expiry, self.count,
-                           self.priority, self.pins, self.flags, self.prefix, self.itick, self.atick)  # fmt: skip
+        return RECORD.pack(len(self.key), self.size, self.created, self.atime, self.expiry, self.count,
+                           self.priority, self.pins, self.flags, self.prefix, self.itick, self.atick) + self.key  # fmt: skip
 
 
 def write_preamble(handle: BinaryIO, header: SnapshotHeader) -> int:
@@ -115,10 +117,10 @@ def read_header(handle: BinaryIO, file_size: int) -> SnapshotHeader:
     if zlib.crc32(body) != crc:
         raise BadInputError("snapshot header checksum mismatch (corrupt file)")
     fields = HEADER.unpack(body)
-    name_len = fields[14]
+    name_len = fields[15]
     if name_len > NAME_MAX:
         raise BadInputError("snapshot header: bad name length (corrupt file)")
-    header = SnapshotHeader(*fields[:14], name=fields[15][:name_len].decode(errors="replace"))
+    header = SnapshotHeader(*fields[:15], name=fields[16][:name_len].decode(errors="replace"))
     if header.block_size <= 0 or header.n_blocks <= 0:
         raise BadInputError("snapshot header: bad geometry (corrupt file)")
     expected = header.file_size()
@@ -135,19 +137,22 @@ def read_records(handle: BinaryIO, header: SnapshotHeader) -> list[Record]:
     records = []
     total = 0
     capacity = header.n_blocks * header.block_size
+    keys = 0
     for _ in range(header.n_entries):
         raw = _read_exact(handle, RECORD.size, "entry records")
-        crc = zlib.crc32(raw, crc)
         f = RECORD.unpack(raw)
         key_len = f[0]
-        if not 0 < key_len <= KEY_MAX or f[2] > capacity:
+        if not 0 < key_len <= KEY_MAX or f[1] > capacity:
             raise BadInputError("snapshot entry record out of range (corrupt file)")
-        records.append(Record(f[1][:key_len], *f[2:]))
-        total += f[2]
+        key = _read_exact(handle, key_len, "entry records")
+        crc = zlib.crc32(key, zlib.crc32(raw, crc))
+        records.append(Record(key, *f[1:]))
+        total += f[1]
+        keys += key_len
     (stored,) = CRC.unpack(_read_exact(handle, CRC.size, "entry records"))
     if stored != crc:
         raise BadInputError("snapshot entry records checksum mismatch (corrupt file)")
-    if total != header.data_bytes:
+    if total != header.data_bytes or keys != header.keys_bytes:
         raise BadInputError("snapshot records disagree with the header's data size (corrupt file)")
     return records
 
