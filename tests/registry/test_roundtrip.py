@@ -74,7 +74,6 @@ def _entry_targets(cache: Path) -> dict[str, tuple[str, str]]:
     return found
 
 
-@pytest.mark.slow
 def test_acceptance_round_trip_through_registry(registry: Registry, triton_cache: Path, tmp_path: Path,
                                                 isolated_gpu_env: None) -> None:
     """Issue 3 acceptance: 4-target cache → pack → push → pull into another dir for cuda:90 →

@@ -223,7 +223,6 @@ class RegistryAuth:
         self._looked_up = False
         self._headers: dict[str, str] = {}  # scope → Authorization value
         self._unproven: set[str] = set()  # scopes whose token has not yet been accepted
-        self.used_credentials = False
 
     def __repr__(self) -> str:
         return f"RegistryAuth({self._registry!r})"
@@ -257,7 +256,6 @@ class RegistryAuth:
             if self._headers.get("*"):
                 raise AuthenticationError(self._refused_message(response))
             self._headers["*"] = f"Basic {creds.basic_token()}"
-            self.used_credentials = True
             return self.header(scope)
         if challenge.scheme == "bearer":
             # Ask for what we will need (push includes pull) and what the challenge names.
@@ -281,7 +279,6 @@ class RegistryAuth:
         creds = self.credentials
         if creds is not None:
             headers["Authorization"] = f"Basic {creds.basic_token()}"
-            self.used_credentials = True
         log.debug("requesting a bearer token from %s for %s", challenge.realm, " ".join(scopes))
         import requests
 
