@@ -229,3 +229,26 @@ def test_entries_changed_after_planning_are_left_alone(triton_cache: Path, catal
     result = plan2.execute(catalog)
     assert result.entries_removed == 0 and len(result.skipped) == len(plan2.actions)
     assert len(entries(triton_cache)) == SAMPLE_ENTRIES
+
+
+def test_vllm_cache_ir_prune_keeps_hits(sample_cache_master: Path, tmp_path: Path, catalog: Catalog) -> None:
+    """vLLM rows (hash, rank, prefix) prune like Triton ones; the Triton cache inside still hits."""
+    from tests.kernels import layouts
+
+    root = tmp_path / "vllm"
+    lay = layouts.make_vllm_legacy(root, sample_cache_master, ranks=("rank_0_0", "rank_1_0"))
+    do_index(catalog, root)
+    plan = plan_prune(catalog, KernelFilter.build(mode="vllm", backend="cuda", arch="80"))
+    assert len(plan.actions) == 2 * 6
+    result = plan.execute(catalog)
+    assert result.entries_pruned == 12 and result.skipped == ()
+    for cache in lay.triton_dirs:
+        for kernel in SAMPLE_KERNELS:
+            for warps in (4, 8):
+                assert compile_sample(cache, kernel, "cuda:80", num_warps=warps).cache_hit is True
+    rows = query(catalog, KernelFilter.build(cache_dirs=[root], arch="80"))
+    assert len(rows) == 12 and all(not any(t in IR_TYPES for t in r.files) for r in rows)
+    assert {r.vllm["rank"] for r in rows} == {"rank_0_0", "rank_1_0"}
+    plan = plan_prune(catalog, KernelFilter.build(cache_dirs=[root], arch="90"), "full")
+    plan.execute(catalog)
+    assert len(query(catalog, KernelFilter.build(cache_dirs=[root]))) == 2 * SAMPLE_ENTRIES - 12

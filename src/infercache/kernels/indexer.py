@@ -11,6 +11,7 @@ written in batches, so a concurrent `index` or `prune` only waits briefly.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -161,6 +162,24 @@ def index(
     rescan: bool = False,
 ) -> IndexSummary:
     """Bring the catalog in line with the given cache dirs (or the defaults); incremental unless `rescan`."""
+    # Scanning makes ~50 small acyclic objects per entry; the cyclic GC would re-walk them
+    # over and over (~15% of a 10,000-entry index). Reference counting frees them anyway.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _index(catalog, cache_dirs, mode, progress, rescan)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _index(
+    catalog: Catalog,
+    cache_dirs: Sequence[str | os.PathLike[str]] | None,
+    mode: str,
+    progress: ProgressCallback | None,
+    rescan: bool,
+) -> IndexSummary:
     from infercache.kernels import discovery
 
     started = time.perf_counter()
