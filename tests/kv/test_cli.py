@@ -60,26 +60,30 @@ def _status(name: str) -> dict:
     return _json("kv", "status", name, "--format", "json")
 
 
-def _fill(name: str, count: int, size: int, extra: str = "") -> None:
-    """Put keys k0..k{count-1} of `size` bytes each from another process (+ extra statements)."""
-    _py(
-        "from infercache.kv import Pool\n"
-        f"p = Pool.open({name!r})\n"
-        f"for i in range({count}):\n"
-        f"    assert p.put(f'k{{i}}', bytes([i % 251]) * {size})\n"
-        f"{extra}\n"
-        "p.close()\n"
-    )
+def _fill(name: str, count: int, size: int, pin: str | None = None) -> None:
+    """Put keys k0..k{count-1} of `size` bytes each (in this process: the CLI made the pool)."""
+    from infercache.kv import Pool
+
+    with Pool.open(name) as pool:
+        for i in range(count):
+            assert pool.put(f"k{i}", bytes([i % 251]) * size)
+        if pin is not None:
+            assert pool.pin(pin)
 
 
 def _keys_present(name: str, keys: list[str]) -> set[str]:
-    out = _py(
-        "import json\nfrom infercache.kv import Pool\n"
-        f"p = Pool.open({name!r})\n"
-        f"print(json.dumps([k for k in {keys!r} if p.contains(k)]))\n"
-        "p.close()\n"
-    ).stdout
-    return set(json.loads(out))
+    from infercache.kv import Pool
+
+    with Pool.open(name) as pool:
+        return {k for k in keys if pool.contains(k)}
+
+
+def _stats(name: str) -> dict:
+    """In-process stats, where the test is about the effect of a command, not `status` itself."""
+    from infercache.kv import Pool
+
+    with Pool.open(name) as pool:
+        return pool.stats()
 
 
 def test_create_put_status_persist_delete_restore_get(names, tmp_path: Path) -> None:
@@ -190,12 +194,12 @@ def test_evict_percent_bytes_and_pins(names) -> None:
     name = names()
     run_cli("kv", "create", name, "--size", "8M", "--policy", "fifo", check=True)
     # 40 entries of 64 KiB = 2.5 MiB; k0 is pinned
-    _fill(name, 40, 64 << 10, "assert p.pin('k0')")
-    before = _status(name)
+    _fill(name, 40, 64 << 10, pin="k0")
+    before = _stats(name)
     assert before["entries"] == 40
 
     result = run_cli("kv", "evict", name, "--bytes", "256K", check=True)
-    after = _status(name)
+    after = _stats(name)
     freed = before["used_bytes"] - after["used_bytes"]
     assert freed >= 256 << 10, result.stdout
     assert after["entries"] < 40 and after["evictions"] >= before["evictions"] + 4
@@ -205,12 +209,12 @@ def test_evict_percent_bytes_and_pins(names) -> None:
 
     before = after
     run_cli("kv", "evict", name, "--percent", "10", check=True)
-    after = _status(name)
+    after = _stats(name)
     assert before["used_bytes"] - after["used_bytes"] >= int(0.10 * before["size_bytes"]) or after["entries"] == 1
     assert after["entries"] < before["entries"]
 
     run_cli("kv", "evict", name, "--percent", "100", check=True)
-    after = _status(name)
+    after = _stats(name)
     assert _keys_present(name, ["k0", "k39"]) == {"k0"}, "percent 100 empties all but the pinned"
     assert after["entries"] == 1
 
@@ -229,7 +233,7 @@ def test_evict_expired_removes_only_expired(names) -> None:
     )
     time.sleep(0.2)  # let the 50 ms TTLs pass (not a timing assertion)
     run_cli("kv", "evict", name, "--expired", check=True)
-    assert _status(name)["entries"] == 10
+    assert _stats(name)["entries"] == 10
     keys = [f"{kind}{i}" for kind in ("short", "long", "none") for i in range(5)]
     present = _keys_present(name, keys)
     assert present == {k for k in keys if not k.startswith("short")}
@@ -273,7 +277,9 @@ def _free_shm() -> int:
 
 
 def _no_pools() -> None:
-    assert _json("kv", "list", "--format", "json") == []
+    from infercache.kv import Pool
+
+    assert Pool.list_pools() == []
 
 
 def test_size_larger_than_dev_shm_is_refused_with_numbers(names) -> None:
