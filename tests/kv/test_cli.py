@@ -436,6 +436,8 @@ def test_list_shows_attached_processes_and_files_are_private(names, data_dir: Pa
         assert holder.stdout is not None and holder.stdout.readline().strip() == "attached"
         row = {p["name"]: p for p in _json("kv", "list", "--format", "json")}[name]
         assert holder.pid in row["attached"]
+        assert holder.pid in _status(name)["attached"]
+        assert str(holder.pid) in run_cli("kv", "status", name, check=True).stdout
     finally:
         holder.communicate("", timeout=60)
     row = {p["name"]: p for p in _json("kv", "list", "--format", "json")}[name]

@@ -77,6 +77,8 @@ def _size(value: Any) -> str:
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value)) or "-"
     return "-" if value is None else str(value)
 
 
@@ -191,6 +193,7 @@ _STATUS_FIELDS = (
     ("evictions", None),
     ("bytes_in", "size"),
     ("bytes_out", "size"),
+    ("attached", None),
 )
 
 
@@ -246,6 +249,9 @@ def status(
         stats = pool.stats()
     finally:
         pool.close()
+    from infercache.kv.pool import attached_pids
+
+    stats["attached"] = attached_pids(stats["path"])  # after close: this process is not counted
     if format is OutputFormat.json:
         print_json(stats)
     else:
