@@ -40,6 +40,22 @@ CREDS = typer.Option(None, "--creds", help="Registry credentials USER:PASS.")
 TARGETS = typer.Option(None, "--target", help="BACKEND:ARCH[:WARP] to use instead of the local GPUs (repeatable).")
 
 
+def os_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Disk full, permission denied... become a one-line error (exit 1), not a traceback."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from infercache.errors import InfercacheError
+
+        try:
+            return func(*args, **kwargs)
+        except OSError as exc:
+            raise InfercacheError(str(exc)) from exc
+
+    return wrapper
+
+
 def _options(tls_verify: bool, authfile: Optional[Path], creds: Optional[str]) -> Any:
     from infercache.errors import BadInputError
     from infercache.vault.transport import RegistryOptions
@@ -89,6 +105,7 @@ def _targets_text(targets: list[dict[str, Any]]) -> str:
 
 @app.command("pack")
 @handle_errors
+@os_errors
 def pack_command(
     cache_dir: Path = typer.Argument(..., help="The cache directory to pack."),
     image_ref: str = typer.Argument(..., help="oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG], docker://HOST/REPO[:TAG]."),
@@ -119,6 +136,7 @@ def pack_command(
 
 @app.command("inspect")
 @handle_errors
+@os_errors
 def inspect_command(
     image_ref: str = typer.Argument(..., help="Image reference."),
     format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
@@ -158,6 +176,7 @@ def inspect_command(
 
 @app.command("check")
 @handle_errors
+@os_errors
 def check_command(
     image_ref: str = typer.Argument(..., help="Image reference."),
     target: Optional[List[str]] = TARGETS,
@@ -191,6 +210,7 @@ def check_command(
 
 @app.command("unpack")
 @handle_errors
+@os_errors
 def unpack_command(
     image_ref: str = typer.Argument(..., help="Image reference."),
     dest: Optional[Path] = typer.Option(None, "--dest", help="Where to install (default: the Triton cache dir, or the vLLM root for vLLM images)."),
@@ -226,6 +246,7 @@ def unpack_command(
 
 @app.command("copy")
 @handle_errors
+@os_errors
 def copy_command(
     src_ref: str = typer.Argument(..., help="Source image reference."),
     dst_ref: str = typer.Argument(..., help="Destination image reference."),

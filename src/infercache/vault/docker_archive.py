@@ -27,7 +27,6 @@ from infercache.vault.image import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
     DOCKER_LAYER_TAR,
-    DOCKER_MANIFEST,
     GZIP_MAGIC,
     MAX_DOCUMENT_BYTES,
     OCI_CONFIG,

@@ -235,6 +235,27 @@ class OciLayoutDestination:
                 pass
             raise
 
+    def spool_dir(self) -> Path:
+        """Where a writer may build a blob that :meth:`adopt_blob` then takes by rename."""
+        return self._root / "blobs" / "sha256"
+
+    def adopt_blob(self, descriptor: Descriptor, path: Path) -> None:
+        """Take a finished blob file (in :meth:`spool_dir`) whose digest the caller computed while writing it.
+
+        An extension of the transport interface for local packing: it saves a full copy of the
+        layer; callers without a trusted digest use put_blob, which verifies.
+        """
+        final = self._blob_path(descriptor.digest)
+        if Path(path).parent.resolve() != final.parent.resolve():
+            raise InfercacheError(f"adopt_blob: {path} is not in {final.parent}")
+        if Path(path).stat().st_size != descriptor.size:
+            raise InfercacheError(f"adopt_blob: {path} does not hold {descriptor.size} bytes")
+        os.chmod(path, 0o644)
+        existed = final.exists()
+        os.replace(path, final)
+        if not existed:
+            self._new_blobs.append(final)
+
     def put_manifest(self, manifest: bytes, media_type: str) -> str:
         digest = sha256_digest(manifest)
         desc = Descriptor(media_type, digest, len(manifest))

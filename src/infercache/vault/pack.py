@@ -513,30 +513,39 @@ def pack(
     component = next(iter(plan.records))
     title = title or f"{component} kernel cache"
 
-    spool_dir = Path(ref.path).expanduser().resolve().parent if ref.path else None
-    if spool_dir is not None and not spool_dir.is_dir():
-        spool_dir = None
-    with tempfile.TemporaryFile(dir=spool_dir) as spool:
-        layer, diff_id = write_layer(plan, spool, compression, mtime, progress)  # type: ignore[arg-type]
-        layer = Descriptor(layer_type, layer.digest, layer.size)
+    dest = open_destination(ref, options)
+    try:
+        # A destination on local disk may take the spooled layer by rename (no second copy).
+        adopt = getattr(dest, "adopt_blob", None)
+        spool_dir = dest.spool_dir() if adopt is not None else None  # type: ignore[attr-defined]
+        if spool_dir is None and ref.path:
+            parent = Path(ref.path).expanduser().resolve().parent
+            spool_dir = parent if parent.is_dir() else None
+        fd, spool_name = tempfile.mkstemp(prefix=".layer-", suffix=".tmp", dir=spool_dir)
+        try:
+            with os.fdopen(fd, "w+b") as spool:
+                layer, diff_id = write_layer(plan, spool, compression, mtime, progress)  # type: ignore[arg-type]
+                layer = Descriptor(layer_type, layer.digest, layer.size)
+                if dest.has_blob(layer):
+                    logger.info("destination already has layer %s", layer.digest)
+                elif adopt is None:
+                    spool.seek(0)
+                    dest.put_blob(layer, spool)  # type: ignore[arg-type]
+            if adopt is not None and not dest.has_blob(layer):
+                adopt(layer, Path(spool_name))  # digest computed while writing it
+        finally:
+            if os.path.exists(spool_name):
+                os.unlink(spool_name)
         image_labels = L.build_labels(plan.records, plan.sizes)
         notes = L.annotations(title, created)
         config_raw = build_config(image_labels, diff_id, created, fmt, notes if fmt == "docker" else {})
         config = Descriptor(DOCKER_CONFIG if fmt == "docker" else OCI_CONFIG, sha256_digest(config_raw), len(config_raw))
         manifest_raw, manifest_type = build_manifest(config, [layer], fmt, notes)
-
-        dest = open_destination(ref, options)
-        try:
-            if not dest.has_blob(layer):
-                spool.seek(0)
-                dest.put_blob(layer, spool)  # type: ignore[arg-type]
-            else:
-                logger.info("destination already has layer %s", layer.digest)
-            if not dest.has_blob(config):
-                dest.put_blob(config, io.BytesIO(config_raw))
-            digest = dest.put_manifest(manifest_raw, manifest_type)
-        finally:
-            dest.close()
+        if not dest.has_blob(config):
+            dest.put_blob(config, io.BytesIO(config_raw))
+        digest = dest.put_manifest(manifest_raw, manifest_type)
+    finally:
+        dest.close()
     logger.info("packed %d entries from %s into %s (%s)", plan.entry_count, plan.cache_dir, ref, digest)
     return PackResult(
         reference=str(ref),

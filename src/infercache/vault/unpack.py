@@ -17,6 +17,7 @@ Any failure rolls back the entries moved so far and removes the staging dir.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -221,9 +222,11 @@ class _Installer:
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(staged, final)
-        except OSError:
+        except OSError as exc:
             if backup is not None:
                 os.rename(backup, final)
+            elif exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                return "present"  # a concurrent unpack installed it first: same content, keep theirs
             raise
         self._moved.append((final, backup))
         return "replaced" if backup is not None else "extracted"
