@@ -205,9 +205,14 @@ def _index(
     done = 0
     if progress:
         progress(0, total)
-    # 2. Per cache dir: compare signatures, parse what changed, write in batches.
-    for tcd, children in jobs:
-        done = _index_dir(catalog, tcd, children, run, rescan, progress, done, total)
+    # 2. Per cache dir: compare signatures, parse what changed (in worker processes when there
+    #    are thousands), write in batches while the workers go on parsing.
+    pool = _Pool()
+    try:
+        for tcd, children in jobs:
+            done = _index_dir(catalog, tcd, children, run, rescan, progress, done, total, pool)
+    finally:
+        pool.close()
     # 3. Artifacts, vanished cache dirs, roots.
     now = time.time()
     with catalog.transaction() as conn:
@@ -275,6 +280,76 @@ def _list_children(path: Path) -> list[tuple[str, os.stat_result]]:
         return []
 
 
+#: Entries to parse in one cache dir before worker processes pay for themselves.
+PARALLEL_MIN = 2000
+#: Entries per task sent to a worker.
+CHUNK = 250
+
+# A prepared item is what the catalog writer needs, made of plain values (cheap to pickle):
+#   ("k", path, sig, entry_row, [(name, type, size)], [skipped-row extras])   a kernel
+#   ("s", path, sig, kind, reason, size, mtime)                               not a kernel
+Item = tuple
+
+
+def _workers() -> int:
+    env = os.environ.get("INFERCACHE_INDEX_WORKERS")
+    if env is not None:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            raise BadInputError(f"INFERCACHE_INDEX_WORKERS must be an integer, not {env!r}") from None
+    return min(os.cpu_count() or 1, 4)
+
+
+class _Pool:
+    """Worker processes for parsing, started on first need (most runs never need them)."""
+
+    def __init__(self) -> None:
+        self.executor: Any = None
+
+    def get(self) -> Any:
+        if self.executor is None:
+            import multiprocessing
+            import threading
+            from concurrent.futures import ProcessPoolExecutor
+
+            # fork is cheap, but not safe once other threads exist (a progress bar, a host app).
+            method = "fork" if threading.active_count() == 1 and hasattr(os, "fork") else "spawn"
+            self.executor = ProcessPoolExecutor(_workers(), mp_context=multiprocessing.get_context(method))
+        return self.executor
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
+
+
+def _prepare(path: str, st: os.stat_result, info: "_CacheDirInfo", now: float) -> Item:
+    """Parse one candidate and turn it into catalog rows (runs in a worker for big scans)."""
+    sig = signature(st)
+    result, raw = scan_entry(Path(path), st)
+    if isinstance(result, NotAKernel):
+        return ("s", path, sig, result.kind, result.reason, result.size, st.st_mtime)
+    parent = str(info.path)
+    root = str(info.cache_root)
+    extras = [
+        (str(p), parent, root, "garbage", "leftover of an interrupted write", _size_of(p), _mtime(p), "", path)
+        for p in result.leftovers
+    ] + [
+        (os.path.join(path, f.name), parent, root, "orphan", "file not listed in the group file", f.size,
+         _mtime(Path(path) / f.name), "", path)
+        for f in result.orphans
+    ]
+    return ("k", path, sig, entry_row(result, raw, info, sig, now), [(f.name, f.type, f.size) for f in result.files],
+            extras)
+
+
+def _prepare_chunk(parent: str, chunk: list[tuple[str, os.stat_result]], info: "_CacheDirInfo",
+                   now: float) -> list[Item]:
+    gc.disable()  # a fresh worker: same reasoning as in index()
+    return [_prepare(os.path.join(parent, name), st, info, now) for name, st in chunk]
+
+
 def _index_dir(
     catalog: Catalog,
     tcd: Any,
@@ -284,8 +359,10 @@ def _index_dir(
     progress: ProgressCallback | None,
     done: int,
     total: int,
+    pool: _Pool | None = None,
 ) -> int:
     parent = str(tcd.path)
+    info = _CacheDirInfo.of(tcd)
     conn = catalog.conn
     known = {r[0]: r[1] for r in conn.execute("SELECT path, signature FROM entries WHERE parent = ?", (parent,))}
     known_skips = {
@@ -295,12 +372,12 @@ def _index_dir(
         )
     }
     seen: set[str] = set()
-    pending: list[tuple[TritonEntry | NotAKernel, bytes | None, str, os.stat_result]] = []
+    todo: list[tuple[str, os.stat_result]] = []
     for name, st in children:
         path = os.path.join(parent, name)
         seen.add(path)
-        sig = signature(st)
         if not rescan:
+            sig = signature(st)
             if known.get(path) == sig:
                 run.unchanged += 1
                 done += 1
@@ -310,16 +387,30 @@ def _index_dir(
                 run.skip(Path(path), prior[1], prior[2])
                 done += 1
                 continue
-        result, raw = scan_entry(Path(path), st)
-        pending.append((result, raw, sig, st))
+        todo.append((name, st))
+    if progress:
+        progress(done, total)
+
+    now = time.time()
+    items: Iterable[list[Item]]
+    if pool is not None and len(todo) >= PARALLEL_MIN and _workers() > 1:
+        chunks = [todo[i : i + CHUNK] for i in range(0, len(todo), CHUNK)]
+        executor = pool.get()
+        items = executor.map(_prepare_chunk, [parent] * len(chunks), chunks, [info] * len(chunks),
+                             [now] * len(chunks))
+    else:
+        items = (_prepare_chunk(parent, todo[i : i + CHUNK], info, now) for i in range(0, len(todo), CHUNK))
+    pending: list[Item] = []
+    for chunk_items in items:
+        pending.extend(chunk_items)
         if len(pending) >= BATCH:
-            _write(catalog, tcd, pending, known, run, known_skips)
+            _write(catalog, info, pending, run, known_skips)
             done += len(pending)
             pending = []
             if progress:
                 progress(done, total)
     if pending:
-        _write(catalog, tcd, pending, known, run, known_skips)
+        _write(catalog, info, pending, run, known_skips)
         done += len(pending)
     gone_entries = [p for p in known if p not in seen]
     gone_skips = [p for p in known_skips if p not in seen]
@@ -388,21 +479,17 @@ def entry_row(entry: TritonEntry, raw: bytes | None, tcd: Any, sig: str, now: fl
 
 def _write(
     catalog: Catalog,
-    tcd: Any,
-    pending: list[tuple[TritonEntry | NotAKernel, bytes | None, str, os.stat_result]],
-    known: Mapping[str, str],
+    info: "_CacheDirInfo",
+    pending: list[Item],
     run: _Run,
     skip_paths: Iterable[str] = (),
 ) -> None:
     """Write one batch in one transaction, with a handful of executemany calls (fast for 10,000)."""
-    now = time.time()
-    parent = str(tcd.path)
-    root = str(tcd.cache_root)
-    kernels = [(r, raw, sig) for r, raw, sig, _ in pending if isinstance(r, TritonEntry)]
-    others = [(r, st, sig) for r, _, sig, st in pending if isinstance(r, NotAKernel)]
+    kernels = [it for it in pending if it[0] == "k"]
+    others = [it for it in pending if it[0] == "s"]
     had_skip = set(skip_paths)
     with catalog.transaction() as conn:
-        paths = [str(r.path) for r, _, _ in kernels]
+        paths = [it[1] for it in kernels]
         existing: dict[str, int] = {}
         for i in range(0, len(paths), 900):
             chunk = paths[i : i + 900]
@@ -417,8 +504,7 @@ def _write(
         files = []
         extras = []
         clear = []
-        for result, raw, sig in kernels:
-            path = str(result.path)
+        for _tag, path, _sig, row, entry_files, entry_extras in kernels:
             entry_id = existing.get(path)
             if entry_id is None:
                 entry_id = next_id
@@ -428,14 +514,9 @@ def _write(
                 run.updated += 1
             if path in existing or path in had_skip:
                 clear.append((path, path))
-            rows.append((entry_id, *entry_row(result, raw, tcd, sig, now)))
-            files.extend((entry_id, f.name, f.type, f.size) for f in result.files)
-            for p in result.leftovers:
-                extras.append((str(p), parent, root, "garbage", "leftover of an interrupted write", _size_of(p),
-                               _mtime(p), "", path))
-            for f in result.orphans:
-                extras.append((os.path.join(path, f.name), parent, root, "orphan", "file not listed in the group file",
-                               f.size, _mtime(Path(path) / f.name), "", path))
+            rows.append((entry_id, *row))
+            files.extend((entry_id, name, ftype, size) for name, ftype, size in entry_files)
+            extras.extend(entry_extras)
         if existing:
             conn.executemany("DELETE FROM files WHERE entry_id = ?", [(i,) for i in existing.values()])
         if clear:
@@ -448,17 +529,17 @@ def _write(
                 "signature, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 extras,
             )
-        for result, st, sig in others:
-            path = str(result.path)
-            if path in known:
-                run.removed += conn.execute("DELETE FROM entries WHERE path = ?", (path,)).rowcount
+        parent = str(info.path)
+        root = str(info.cache_root)
+        for _tag, path, sig, kind, reason, size, mtime in others:
+            run.removed += conn.execute("DELETE FROM entries WHERE path = ?", (path,)).rowcount
             conn.execute("DELETE FROM skipped WHERE owner = ?", (path,))
             conn.execute(
                 "INSERT OR REPLACE INTO skipped(path, parent, cache_root, kind, reason, size, modified, "
                 "signature, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-                (path, parent, root, result.kind, result.reason, result.size, st.st_mtime, sig),
+                (path, parent, root, kind, reason, size, mtime, sig),
             )
-            run.skip(result.path, result.kind, result.reason)
+            run.skip(Path(path), kind, reason)
 
 
 def _mtime(path: Path) -> float:
@@ -491,9 +572,8 @@ def refresh_paths(catalog: Catalog, entry_paths: Iterable[Path]) -> None:
                 c.execute("DELETE FROM entries WHERE path = ?", (path,))
                 c.execute("DELETE FROM skipped WHERE path = ? OR owner = ?", (path, path))
             continue
-        tcd = _CacheDirInfo.from_row(row)
-        result, raw = scan_entry(Path(path), st)
-        _write(catalog, tcd, [(result, raw, signature(st), st)], {path: ""}, _Run(), [path])
+        info = _CacheDirInfo.from_row(row)
+        _write(catalog, info, [_prepare(path, st, info, time.time())], _Run(), [path])
 
 
 @dataclass(frozen=True)
@@ -511,6 +591,12 @@ class _CacheDirInfo:
     mode: str
     cache_root: Path
     vllm: _VllmInfo | None
+
+    @classmethod
+    def of(cls, tcd: Any) -> "_CacheDirInfo":
+        """From discovery's TritonCacheDir (plain, picklable values for worker processes)."""
+        v = tcd.vllm
+        return cls(Path(tcd.path), tcd.mode, Path(tcd.cache_root), _VllmInfo(v.hash, v.rank, v.prefix) if v else None)
 
     @classmethod
     def from_row(cls, row: Any) -> "_CacheDirInfo":
