@@ -245,6 +245,7 @@ def test_sigkill_writer_mid_put_leaves_consistent_pool(
     try:
         report = pool.check()
         assert report.ok, report.problems
+        rebuilds_seen_anywhere = pool.stats()["repairs"]  # by any process that found a dirty header
         for key in all_done:
             verify_value(key, pool.get(key))
         for i in range(60):
@@ -256,8 +257,12 @@ def test_sigkill_writer_mid_put_leaves_consistent_pool(
         pool.close()
     # and a fresh process (the CLI) finds it consistent too
     assert run_cli("kv", "check", pool_name).returncode == 0
-    reclaimed = [r.getMessage() for r in caplog.records if "reclaimed" in r.getMessage()]
-    print(f"kills that left an unpublished reservation to reclaim: {len(reclaimed)} of {len(plans)}")
+    messages = [r.getMessage() for r in caplog.records]
+    reclaimed = sum("reclaimed" in m for m in messages)
+    rebuilt = sum("rebuilding derived state" in m for m in messages)
+    # informative only (where a kill lands is up to the scheduler): -s shows which recovery paths ran
+    print(f"{len(plans)} kills: {reclaimed} unpublished reservations reclaimed here, {rebuilt} died-in-update "
+          f"rebuilds here, {rebuilds_seen_anywhere} rebuilds by any process")  # fmt: skip
 
 
 def test_pool_created_by_cli_is_used_by_other_processes(pool_name: str, tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ def _data_dir(ctx: typer.Context) -> Optional[Path]:
     return global_options(ctx).data_dir
 
 
-def _pool_api() -> Any:
+def _pool_api() -> "type[Pool]":
     from infercache.kv import Pool
 
     return Pool
