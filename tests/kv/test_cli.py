@@ -446,3 +446,12 @@ def test_list_shows_attached_processes_and_files_are_private(names, data_dir: Pa
     for path in data_dir.iterdir():
         if path.is_file():
             assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
+
+
+def test_cli_module_imports_no_pool_machinery() -> None:
+    """`infercache --help` stays fast: the kv CLI loads the pool library and numpy only when a command runs."""
+    out = _py(
+        "import sys, infercache.cli.kv\n"
+        "print(sorted(m for m in ('numpy', 'infercache.kv.pool', 'infercache.kv.allocator') if m in sys.modules))\n"
+    ).stdout
+    assert out.strip() == "[]"
