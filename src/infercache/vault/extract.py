@@ -55,7 +55,11 @@ class ExtractLimits:
 
 
 class _CountingReader:
-    """Counts decompressed bytes and stops a decompression bomb as soon as it crosses a limit."""
+    """Counts decompressed bytes and stops a decompression bomb as soon as it crosses a limit.
+
+    Also buffers: it pulls 1 MiB at a time from the decompressor (tarfile asks for a few KiB
+    per call, and each decompressor call drops and retakes the GIL).
+    """
 
     def __init__(self, stream: BinaryIO, compressed_size: int, limits: ExtractLimits) -> None:
         self._stream = stream
@@ -64,11 +68,13 @@ class _CountingReader:
         self.limit = min(self._limit_ratio, limits.max_total_bytes)
         self._limits = limits
         self._compressed = compressed_size
+        self._buf = b""
+        self._pos = 0
         self.count = 0
 
-    def read(self, size: int = -1) -> bytes:
+    def _fill(self) -> bytes:
         try:
-            data = self._stream.read(size if size is not None and size >= 0 else _CHUNK)
+            data = self._stream.read(_CHUNK)
         except InfercacheError:
             raise  # digest / size errors from the verifying reader underneath
         except EOFError:
@@ -85,6 +91,19 @@ class _CountingReader:
                 f"layer expands more than {self._limits.max_ratio:g}x its compressed size "
                 f"({self._compressed} bytes): refused as a decompression bomb"
             )
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = _CHUNK
+        if self._pos >= len(self._buf):
+            self._buf = self._fill()
+            self._pos = 0
+            if not self._buf:
+                return b""
+        end = self._pos + size
+        data = self._buf[self._pos:end]
+        self._pos = min(end, len(self._buf))
         return data
 
 
@@ -127,22 +146,36 @@ class StagingState:
 
     def __init__(self, root: Path) -> None:
         self.root = str(root)
-        self._dirs: set[str] = set()
-        self._made: set[str] = set()
+        self._dirs: set[str] = set()  # directories known to be real (made or checked here)
+        self._created: set[str] = {""}  # directories made here ("" = the fresh staging root)
+        self._made: set[str] = set()  # files and links made here
+        self.writer: _FileWriter | None = None
 
     def ensure_dirs(self, parts: tuple[str, ...]) -> str:
         current = self.root
         rel = ""
         for part in parts:
+            parent = rel
             current = current + "/" + part
             rel = rel + "/" + part if rel else part
             if rel in self._dirs:
+                continue
+            if parent in self._created and rel not in self._made:
+                # Nothing can be there: its parent is ours and fresh. Made on the writer's
+                # threads when there are any (file creations in it wait for it there).
+                if self.writer is not None and self.writer.parallel:
+                    self.writer.mkdir(rel, parent, current)
+                else:
+                    os.mkdir(current, 0o755)
+                self._dirs.add(rel)
+                self._created.add(rel)
                 continue
             try:
                 st = os.lstat(current)
             except FileNotFoundError:
                 os.mkdir(current, 0o755)
                 self._dirs.add(rel)
+                self._created.add(rel)
                 continue
             if not stat.S_ISDIR(st.st_mode):
                 raise UnsafeImageError(f"entry path {'/'.join(parts)} goes through a non-directory (link or file)")
@@ -165,8 +198,13 @@ class StagingState:
         os.unlink(path)
 
 
-def _create_file(target: str, data: bytes, rel: str) -> ExtractedFile:
-    """Create a new file (never through a link) holding `data`; returns its size and sha256."""
+def _create_file(target: str, data: bytes, rel: str, after: Any = None) -> ExtractedFile:
+    """Create a new file (never through a link) holding `data`; returns its size and sha256.
+
+    `after`: the future of the job making its directory (submitted earlier, so already running).
+    """
+    if after is not None:
+        after.result()
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(target, flags, 0o644)
@@ -177,6 +215,12 @@ def _create_file(target: str, data: bytes, rel: str) -> ExtractedFile:
     with os.fdopen(fd, "wb") as out:
         out.write(data)
     return ExtractedFile(len(data), hashlib.sha256(data).hexdigest())
+
+
+def _make_dir(path: str, after: Any = None) -> None:
+    if after is not None:
+        after.result()
+    os.mkdir(path, 0o755)
 
 
 class _FileWriter:
@@ -193,6 +237,7 @@ class _FileWriter:
 
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="infercache-unpack") if threads > 1 else None
         self._pending: dict[str, Any] = {}
+        self._dir_jobs: dict[str, Any] = {}  # directory rel → future of its mkdir
         self._bytes = 0
         self._max = max_bytes
         self.results: dict[str, ExtractedFile] = {}
@@ -204,16 +249,28 @@ class _FileWriter:
     def pending(self, rel: str) -> bool:
         return rel in self._pending
 
+    def mkdir(self, rel: str, parent: str, path: str) -> None:
+        """Make a directory on the pool, after its parent's job when that is still pending."""
+        assert self._pool is not None
+        self._dir_jobs[rel] = self._pool.submit(_make_dir, path, self._dir_jobs.get(parent))
+
     def submit(self, rel: str, target: str, data: bytes) -> None:
         assert self._pool is not None
         if self._bytes + len(data) > self._max or len(self._pending) >= 256:
             self.flush()
-        self._pending[rel] = self._pool.submit(_create_file, target, data, rel)
+        parent = rel.rpartition("/")[0]
+        self._pending[rel] = self._pool.submit(_create_file, target, data, rel, self._dir_jobs.get(parent))
         self._bytes += len(data)
 
     def flush(self) -> None:
         """Wait for every pending write; the first failure is raised after all have finished."""
         error: BaseException | None = None
+        for future in self._dir_jobs.values():
+            try:
+                future.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                error = error or exc
+        self._dir_jobs.clear()
         for rel, future in self._pending.items():
             try:
                 self.results[rel] = future.result()
@@ -257,6 +314,7 @@ def extract_layer(
     place = state or StagingState(Path(staging))
     counting = _CountingReader(open_decompressed(stream), compressed_size, limits)
     writer = _FileWriter(threads)
+    place.writer = writer
     written = writer.results
     members = 0
     try:
