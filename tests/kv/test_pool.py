@@ -379,3 +379,27 @@ def test_long_keys_live_with_their_data(make_pool, tmp_path: Path) -> None:
     assert pool.delete(long_a) and pool.get(long_a) is None
     assert pool.evict(percent=100) == 2
     assert pool.stats()["used_bytes"] == 0 and pool.check().ok
+
+
+def test_read_counters_of_a_killed_reader_still_count(make_pool) -> None:
+    """Readers count in per-process slots of the header (they share the lock); a reader that
+    dies keeps its counts in its slot, and the next process to need a slot folds them in."""
+    pool = make_pool(size="1M")
+    pool.put("k", b"v" * 100)
+    killed = subprocess.run(
+        [sys.executable, "-c",
+         "import os, signal\nfrom infercache.kv import Pool\n"
+         f"p = Pool.open({pool.name!r})\n"
+         "for _ in range(5): assert p.get('k') == b'v' * 100\n"
+         "assert p.get('absent') is None\n"
+         "os.kill(os.getpid(), signal.SIGKILL)\n"],
+        cwd=REPO, env=os.environ.copy(), timeout=120, capture_output=True, text=True,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    stats = pool.stats()
+    assert stats["hits"] == 5 and stats["misses"] == 1 and stats["bytes_out"] == 500
+    for _ in range(3):  # new processes reuse slots; no count is lost or doubled
+        _py(f"from infercache.kv import Pool\np = Pool.open({pool.name!r})\nassert p.get('k')\np.close()\n")
+    pool.get("k")
+    stats = pool.stats()
+    assert stats["hits"] == 9 and stats["misses"] == 1 and stats["bytes_out"] == 900

@@ -54,6 +54,11 @@ HDR_GHOST_POS = 28
 HDR_VALUE_BYTES = 29  # sum of published value sizes
 HDR_TIER = 30  # 0 cpu, 1 disk
 HDR_REPAIRS = 31
+# Per-process read counters: readers share the lock, so each process counts hits, misses
+# and bytes out in a slot of its own (no lost updates) and stats() sums the slots.
+SLOT_BASE = 64  # header word of slot 0
+N_SLOTS = 64
+SLOT_WORDS = 4  # pid, hits, misses, bytes out
 NAME_OFFSET = 3072  # u16 length + utf-8 name (<= 255 bytes) inside the header page
 NAME_MAX = 255
 

@@ -41,7 +41,7 @@ from infercache.kv.layout import (
     HDR_FREE_OFF, HDR_FREE_TOP, HDR_GHOST_CAP, HDR_GHOST_OFF, HDR_GHOST_POS, HDR_HITS, HDR_HWM, HDR_INDEX_CAP,
     HDR_INDEX_OFF, HDR_MAGIC, HDR_MISSES, HDR_N_BLOCKS, HDR_POLICY, HDR_PUTS, HDR_REPAIRS, HDR_TABLE_CAP,
     HDR_TABLE_OFF, HDR_TIER, HDR_VALUE_BYTES, HDR_VERSION, HEADER_BYTES, KEY_INLINE, KEY_MAX, KEY_OFFSET, LAYOUT_VERSION,
-    MAGIC, NAME_MAX, NAME_OFFSET, ST_FREE, ST_PUBLISHED, ST_WRITING, TIERS, Geometry, compute_geometry,
+    MAGIC, N_SLOTS, NAME_MAX, NAME_OFFSET, SLOT_BASE, SLOT_WORDS, ST_FREE, ST_PUBLISHED, ST_WRITING, TIERS, Geometry, compute_geometry,
     entry_dtype,
 )  # fmt: skip
 from infercache.kv.lock import PoolLock
@@ -268,6 +268,7 @@ class Pool:
         self._lock = PoolLock(fd)
         self._closed = False
         self._last_recovery: list[str] = []
+        self._use_global_counters()
 
     @classmethod
     def create(
@@ -439,6 +440,11 @@ class Pool:
         """Detach (the pool itself stays). Idempotent."""
         if self._closed:
             return
+        if self._slot >= 0 and os.getpid() == self._pid:
+            try:
+                self._ex(self._release_slot_locked)
+            except InfercacheError as exc:  # e.g. closed inside a view: the slot is reclaimed later
+                log.debug("pool %s: counter slot not released (%s)", self.name, exc)
         self._closed = True
         self._release_views()
         try:
@@ -483,6 +489,7 @@ class Pool:
             self._fd = fd
             self._lock = PoolLock(fd)
             self._pid = os.getpid()
+            self._use_global_counters()  # the parent's counter slot is not ours
 
     @contextmanager
     def _mutating(self) -> Iterator[None]:
@@ -542,6 +549,63 @@ class Pool:
     def _attach_recovery(self) -> None:
         with self._mutating():
             self._reclaim_orphans_locked()
+            self._claim_slot_locked()
+
+    # ------------------------------------------------------------------ read counters
+    def _use_global_counters(self) -> None:
+        self._slot = -1
+        self._slot_tried = False
+        self._w_hits, self._w_misses, self._w_bytes_out = HDR_HITS, HDR_MISSES, HDR_BYTES_OUT
+
+    def _claim_slot_locked(self) -> None:
+        """Take a free counter slot (or one of a dead process, folding its counts into the totals)."""
+        self._slot_tried = True
+        hq = self._hq
+        for i in range(N_SLOTS):
+            base = SLOT_BASE + i * SLOT_WORDS
+            pid = hq[base]
+            if pid and _pid_alive(pid):
+                continue
+            if pid:
+                self._fold_slot_locked(base)
+            hq[base] = self._pid
+            self._slot = base
+            self._w_hits, self._w_misses, self._w_bytes_out = base + 1, base + 2, base + 3
+            return
+        log.info("pool %s: all %d counter slots in use; reads take the exclusive lock", self.name, N_SLOTS)
+
+    def _fold_slot_locked(self, base: int) -> None:
+        hq = self._hq
+        hq[HDR_HITS] += hq[base + 1]
+        hq[HDR_MISSES] += hq[base + 2]
+        hq[HDR_BYTES_OUT] += hq[base + 3]
+        for k in range(SLOT_WORDS):
+            hq[base + k] = 0
+
+    def _release_slot_locked(self) -> None:
+        if self._slot >= 0 and self._hq[self._slot] == self._pid:
+            self._fold_slot_locked(self._slot)
+        self._use_global_counters()
+        self._slot_tried = True
+
+    def _read_counters(self) -> tuple[int, int, int]:
+        """Totals of hits, misses and bytes out: the header's plus every slot's."""
+        hq = self._hq
+        hits, misses, out = hq[HDR_HITS], hq[HDR_MISSES], hq[HDR_BYTES_OUT]
+        for i in range(N_SLOTS):
+            base = SLOT_BASE + i * SLOT_WORDS
+            hits += hq[base + 1]
+            misses += hq[base + 2]
+            out += hq[base + 3]
+        return hits, misses, out
+
+    def _shared_reads(self) -> bool:
+        """True when this object may read under the shared lock (it has a counter slot)."""
+        if os.getpid() != self._pid or self._closed:
+            self._check_open()
+        if self._slot < 0 and not self._slot_tried:
+            self._ex(self._claim_slot_locked)
+        return self._slot >= 0
 
     # ------------------------------------------------------------------ entry helpers
     def _key_of(self, e: int) -> bytes:
@@ -840,13 +904,19 @@ class Pool:
         hq[HDR_PUTS] += 1
         hq[HDR_BYTES_IN] += size
 
-    def _lookup_locked(self, kb: bytes, h: int, count: bool) -> int:
-        """Published, unexpired entry for the key, or -1; with `count`, updates hit/miss and recency."""
+    def _lookup_locked(self, kb: bytes, h: int, count: bool, shared: bool) -> int:
+        """Published, unexpired entry for the key, or -1; with `count`, updates hit/miss and recency.
+
+        Under the shared lock (`shared`) only this process's counter slot and the entry's
+        recency words are written: concurrent readers may lose an access-count increment or
+        tie on a tick, which only blurs LRU/LFU order, never the structure. An expired entry
+        is a miss; it is removed here only under the exclusive lock (else by eviction).
+        """
         e = self._find(kb, h)
         hq = self._hq
         if e < 0:
             if count:
-                hq[HDR_MISSES] += 1
+                hq[self._w_misses] += 1
             return -1
         w = e * ENTRY_WORDS
         tq = self._tq
@@ -854,14 +924,14 @@ class Pool:
         now = time.time()
         if expiry and expiry <= now:
             if count:
-                hq[HDR_MISSES] += 1
-                if not tq[w + E_PINS]:
+                hq[self._w_misses] += 1
+                if not shared and not tq[w + E_PINS]:
                     self._remove_locked(e)
                     hq[HDR_EXPIRED] += 1
             return -1
         if count:
-            hq[HDR_HITS] += 1
-            hq[HDR_BYTES_OUT] += tq[w + E_SIZE]
+            hq[self._w_hits] += 1
+            hq[self._w_bytes_out] += tq[w + E_SIZE]
             tq[w + E_ATICK] = self._tick()
             self._td[w + E_ATIME] = now
             tq[w + E_COUNT] += 1
@@ -874,46 +944,38 @@ class Pool:
     def _read(
         self, key: str | bytes, copy: Callable[[memoryview], Any], expect: Callable[[int], str | None] | None = None
     ) -> Any:
-        """Look up (counting a hit/miss) and run `copy` on the value's bytes under a lock.
+        """Look up (counting a hit/miss) and run `copy` on the value's bytes, in one locked section.
 
-        Small values are copied inside the exclusive section; large ones under the shared
-        lock so readers in several processes copy at once. If the entry changed between the
-        two sections (replaced or evicted), the lookup is retried. `expect(size)` returns an
-        error message to refuse the value (raised once the lock is released).
+        Normally under the shared lock, so readers in many processes look up and copy at once
+        (writers wait); without a counter slot, under the exclusive lock. `expect(size)` returns
+        an error message to refuse the value (raised once the lock is released).
         """
         kb, _ = _key_bytes(key)
         h = _key_hash(kb)
-        for _attempt in range(4):
-            done, result = self._ex(self._read_locked, kb, h, copy, expect)
-            if done:
-                if isinstance(result, _Refusal):
-                    raise BadInputError(result.message)
-                return result
-            ok, value = self._sh(self._copy_if_unchanged, result[0], result[1], copy)
-            if ok:
-                return value
-        return None
+        if self._shared_reads():
+            result = self._sh(self._read_locked, kb, h, copy, expect, True)
+        else:
+            result = self._ex(self._read_locked, kb, h, copy, expect, False)
+        if isinstance(result, _Refusal):
+            raise BadInputError(result.message)
+        return result
 
     def _read_locked(
-        self, kb: bytes, h: int, copy: Callable[[memoryview], Any], expect: Callable[[int], str | None] | None
-    ) -> tuple[bool, Any]:
-        e = self._lookup_locked(kb, h, True)
+        self, kb: bytes, h: int, copy: Callable[[memoryview], Any], expect: Callable[[int], str | None] | None,
+        shared: bool,
+    ) -> Any:  # fmt: skip
+        e = self._lookup_locked(kb, h, True, shared)
         if e < 0:
-            return True, None
-        w = e * ENTRY_WORDS
-        size = self._tq[w + E_SIZE]
+            return None
         if expect is not None:
-            message = expect(size)
+            message = expect(self._tq[e * ENTRY_WORDS + E_SIZE])
             if message:
-                return True, _Refusal(message)
-        if size <= SMALL_COPY:
-            return True, copy(self._data(e))
-        return False, (e, self._tq[w + E_STATE])
-
-    def _copy_if_unchanged(self, e: int, state: int, copy: Callable[[memoryview], Any]) -> tuple[bool, Any]:
-        if self._tq[e * ENTRY_WORDS + E_STATE] != state:
-            return False, None
-        return True, copy(self._data(e))
+                return _Refusal(message)
+        data = self._data(e)
+        try:
+            return copy(data)
+        finally:
+            data.release()
 
     def get(self, key: str | bytes) -> bytes | None:
         """A copy of the value, or None (missing or expired: a miss)."""
@@ -973,29 +1035,30 @@ class Pool:
         """
         kb, _ = _key_bytes(key)
         h = _key_hash(kb)
-        for _attempt in range(4):
-            with self._mutating():
-                e = self._lookup_locked(kb, h, True)
-                if e < 0:
-                    break
-                state = self._tq[e * ENTRY_WORDS + E_STATE]
-            with self._reading():
-                if self._tq[e * ENTRY_WORDS + E_STATE] != state:
-                    continue
+        shared = self._shared_reads()
+        failure: BaseException | None = None
+        with self._reading() if shared else self._mutating():
+            e = self._lookup_locked(kb, h, True, shared)
+            if e < 0:
+                data = ro = None
+            else:
                 data = self._data(e)
                 ro = data.toreadonly()
-                try:
-                    yield ro
-                finally:
+            try:
+                yield ro
+            except BaseException as exc:  # re-raised below, once the lock is released
+                failure = exc
+            finally:
+                if ro is not None:
                     ro.release()
                     data.release()
-                return
-        yield None
+        if failure is not None:
+            raise failure
 
     def contains(self, key: str | bytes) -> bool:
         """Present and unexpired (not counted as a hit or miss)."""
         kb, _ = _key_bytes(key)
-        return self._sh(self._lookup_locked, kb, _key_hash(kb), False) >= 0
+        return self._sh(self._lookup_locked, kb, _key_hash(kb), False, True) >= 0
 
     def delete(self, key: str | bytes) -> bool:
         """Remove the entry (pinned or not); False when absent."""
@@ -1132,7 +1195,7 @@ class Pool:
             hq = self._hq
             size = self.n_blocks * self.block_size
             used = (self.n_blocks - self._alloc.free_blocks) * self.block_size
-            hits, misses = hq[HDR_HITS], hq[HDR_MISSES]
+            hits, misses, bytes_out = self._read_counters()
             return {
                 "name": self.name,
                 "tier": self.tier,
@@ -1157,7 +1220,7 @@ class Pool:
                 "expired": hq[HDR_EXPIRED],
                 "puts": hq[HDR_PUTS],
                 "bytes_in": hq[HDR_BYTES_IN],
-                "bytes_out": hq[HDR_BYTES_OUT],
+                "bytes_out": bytes_out,
                 "repairs": hq[HDR_REPAIRS],
                 "created": self._hd[HDR_CREATED],
                 "layout_version": hq[HDR_VERSION],
@@ -1361,13 +1424,14 @@ class Pool:
                 slots = slots[np.argsort(rows["itick"][slots], kind="stable")].tolist()
                 hq = self._hq
                 tq, td = self._tq, self._td
+                hits, misses, bytes_out = self._read_counters()
                 header = snap.SnapshotHeader(
                     block_size=self.block_size, n_blocks=self.n_blocks, policy_id=hq[HDR_POLICY],
                     tier_id=hq[HDR_TIER], n_entries=len(slots),
                     data_bytes=sum(tq[e * ENTRY_WORDS + E_SIZE] for e in slots),
-                    keys_bytes=sum((tq[e * ENTRY_WORDS + E_CHECK] >> 32) & 0xFFFF for e in slots), hits=hq[HDR_HITS],
-                    misses=hq[HDR_MISSES], evictions=hq[HDR_EVICTIONS], bytes_in=hq[HDR_BYTES_IN],
-                    bytes_out=hq[HDR_BYTES_OUT], puts=hq[HDR_PUTS], clock=hq[HDR_CLOCK],
+                    keys_bytes=sum((tq[e * ENTRY_WORDS + E_CHECK] >> 32) & 0xFFFF for e in slots), hits=hits,
+                    misses=misses, evictions=hq[HDR_EVICTIONS], bytes_in=hq[HDR_BYTES_IN],
+                    bytes_out=bytes_out, puts=hq[HDR_PUTS], clock=hq[HDR_CLOCK],
                     created=self._hd[HDR_CREATED], name=self.name,
                 )  # fmt: skip
                 written += snap.write_preamble(handle, header)
