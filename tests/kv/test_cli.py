@@ -455,3 +455,18 @@ def test_cli_module_imports_no_pool_machinery() -> None:
         "print(sorted(m for m in ('numpy', 'infercache.kv.pool', 'infercache.kv.allocator') if m in sys.modules))\n"
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_data_dir_flag_scopes_the_registry(names, tmp_path: Path) -> None:
+    """`--data-dir` (before the sub-command) picks the registry, over INFERCACHE_DATA_DIR."""
+    name = names()
+    other = tmp_path / "other-data"
+    run_cli("--data-dir", str(other), "kv", "create", name, "--size", "4M", check=True)
+    try:
+        listed = json.loads(run_cli("--data-dir", str(other), "kv", "list", "--format", "json", check=True).stdout)
+        assert [p["name"] for p in listed] == [name]
+        assert _json("kv", "list", "--format", "json") == [], "the env's data dir does not see it"
+        assert (other / "kv-pools.json").is_file() or any(other.iterdir())
+    finally:
+        run_cli("--data-dir", str(other), "kv", "delete", name, check=True)
+    assert json.loads(run_cli("--data-dir", str(other), "kv", "list", "--format", "json").stdout) == []
