@@ -542,9 +542,20 @@ class Pool:
         return result
 
     def _sh(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn(*args)` under the shared lock (read-only work, e.g. copying a large value out)."""
-        with self._reading():
+        """Run `fn(*args)` under the shared lock (the hot-path form of `_reading`)."""
+        if self._closed or os.getpid() != self._pid:
+            self._check_open()
+        lock = self._lock
+        while True:
+            lock._acquire(fcntl.LOCK_SH)
+            if not self._hq[HDR_DIRTY]:
+                break
+            lock._release()
+            self._ex(_noop)  # recovers
+        try:
             return fn(*args)
+        finally:
+            lock._release()
 
     def _attach_recovery(self) -> None:
         with self._mutating():
@@ -1599,6 +1610,10 @@ class Pool:
 
 
 _TMP_PREFIX = ".infercache-tmp-"
+
+
+def _noop() -> None:
+    return None
 
 
 def _sweep_stale_temps(directory: Path) -> None:
