@@ -791,7 +791,10 @@ class Pool:
         """Store `value` under `key` (replacing it); False when it cannot fit even after eviction.
 
         Values larger than the whole pool raise BadInputError. Data is copied before the
-        entry is published, so no reader ever sees part of it.
+        entry is published, so no reader ever sees part of it. The old value of the key is
+        dropped as the new one is reserved (its pins carry over), so a put that returns False
+        leaves the key absent. `ttl`: seconds or a duration ('90m'); `prefix`: a tag for
+        `find_by_prefix` (e.g. the parent chunk's token-prefix hash).
         """
         kb, flags = _key_bytes(key)
         src = _value_view(value)
