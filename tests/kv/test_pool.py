@@ -403,3 +403,33 @@ def test_read_counters_of_a_killed_reader_still_count(make_pool) -> None:
     pool.get("k")
     stats = pool.stats()
     assert stats["hits"] == 9 and stats["misses"] == 1 and stats["bytes_out"] == 900
+
+
+def test_threads_share_one_pool_object(make_pool) -> None:
+    """flock belongs to the open file, so threads are serialised by the Pool's own thread lock."""
+    import threading
+
+    pool = make_pool(size="2M", block_size="1K", policy="lru")
+    errors: list[BaseException] = []
+
+    def work(tid: int) -> None:
+        try:
+            for i in range(300):
+                key = f"t{tid}-{i % 40}"
+                value = bytes([tid]) * (100 + (i % 7) * 900)
+                assert pool.put(key, value)
+                got = pool.get(key)
+                assert got is None or got[:1] == bytes([tid]), "another thread's bytes"
+                with pool.view(f"t{(tid + 1) % 4}-{i % 40}") as view:
+                    assert view is None or len(set(bytes(view))) == 1
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors[0]
+    assert pool.check().ok
+    assert pool.stats()["entries"] > 0

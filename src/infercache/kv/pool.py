@@ -1419,7 +1419,11 @@ class Pool:
 
     # ------------------------------------------------------------------ persist / restore
     def persist(self, path: str | os.PathLike[str]) -> int:
-        """Stream a snapshot to `path` (temp file + rename); returns the bytes written."""
+        """Stream a snapshot to `path` (temp file + rename); returns the bytes written.
+
+        Taken under the shared lock: a consistent image, readers go on, writers wait until the
+        data has streamed out (about the time to write the used bytes to disk).
+        """
         from infercache.kv import snapshot as snap
 
         target = Path(path).expanduser()
