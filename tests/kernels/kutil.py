@@ -1,4 +1,4 @@
-"""Shared fixtures and helpers of the catalog tests (import the fixtures into each test module)."""
+"""Helpers shared by the catalog tests."""
 
 from __future__ import annotations
 
@@ -6,9 +6,6 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Iterator
-
-import pytest
 
 from infercache.kernels.catalog import Catalog
 from infercache.kernels.indexer import IndexSummary, index
@@ -16,13 +13,6 @@ from infercache.kernels.triton_entry import TritonEntry, parse_entry
 
 #: The session cache: 3 kernels x 4 targets x num_warps 4/8.
 SAMPLE_ENTRIES = 24
-
-
-@pytest.fixture()
-def catalog(data_dir: Path) -> Iterator[Catalog]:
-    """A fresh catalog in the test's isolated data dir (the one the CLI also uses)."""
-    with Catalog.open(data_dir) as cat:
-        yield cat
 
 
 def do_index(catalog: Catalog, *dirs: Path, mode: str = "auto", rescan: bool = False) -> IndexSummary:

@@ -15,7 +15,7 @@ from infercache.errors import InfercacheError
 from infercache.kernels.catalog import SCHEMA_VERSION, Catalog
 from infercache.kernels.query import KernelFilter, query
 from infercache.kernels.replicate import replicate_entry
-from tests.kernels.kutil import SAMPLE_ENTRIES, catalog, do_index, entries  # noqa: F401
+from tests.kernels.kutil import SAMPLE_ENTRIES, do_index, entries
 
 
 def test_file_mode_wal_and_version(data_dir: Path, catalog: Catalog) -> None:

@@ -78,7 +78,7 @@ def test_list_table_csv_and_footer(triton_cache: Path, data_dir: Path) -> None:
     r = cli("kernels", "list", "-b", "rocm", "-a", "gfx90a")
     assert r.exit_code == 0
     total = sum(e.total_size for e in entries(triton_cache) if e.arch == "gfx90a")
-    assert f"6 kernels" in r.stdout and f"({total} bytes)" in r.stdout
+    assert "6 kernels" in r.stdout and f"({total} bytes)" in r.stdout
     r = cli("kernels", "list", "--format", "csv", "--sort", "size:desc", "--limit", "5")
     rows = list(csv.DictReader(io.StringIO(r.stdout)))
     assert len(rows) == 5

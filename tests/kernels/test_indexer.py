@@ -15,7 +15,7 @@ from infercache.kernels.catalog import Catalog
 from infercache.kernels.indexer import index
 from infercache.kernels.query import KernelFilter, query
 from tests.kernels import layouts
-from tests.kernels.kutil import SAMPLE_ENTRIES, catalog, do_index, entries  # noqa: F401
+from tests.kernels.kutil import SAMPLE_ENTRIES, do_index, entries
 
 
 def test_full_then_unchanged(triton_cache: Path, catalog: Catalog) -> None:
@@ -183,32 +183,3 @@ def test_two_roots_kept_apart(triton_cache: Path, sample_cache_master: Path, tmp
     assert len(query(catalog, KernelFilter.build(cache_dirs=[triton_cache]))) == SAMPLE_ENTRIES
     assert {p for p, _ in catalog.roots()} == {triton_cache.resolve(), other.resolve()}
 
-
-def test_worker_processes_give_the_same_catalog(triton_cache: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """Big scans parse in worker processes: forced on here, the rows match a serial index."""
-    from infercache.kernels import indexer
-
-    (entries(triton_cache)[0].path / f"{entries(triton_cache)[0].name}.json").write_text("{")
-    (triton_cache / "tmp.pid_5_x").mkdir()
-    monkeypatch.setattr(indexer, "PARALLEL_MIN", 5)
-    monkeypatch.setattr(indexer, "CHUNK", 4)
-    dumps = []
-    for workers in ("0", "2"):
-        monkeypatch.setenv("INFERCACHE_INDEX_WORKERS", workers)
-        with Catalog(tmp_path / f"w{workers}" / "catalog.db") as cat:
-            s = index(cat, [triton_cache])
-            assert (s.new, s.skipped) == (SAMPLE_ENTRIES - 1, {"unparsable": 1, "garbage": 1})
-            dumps.append((
-                [tuple(r) for r in cat.conn.execute(
-                    "SELECT path, key, name, backend, arch, total_size, files_json, dedup_key, metadata "
-                    "FROM entries ORDER BY path")],
-                [tuple(r) for r in cat.conn.execute(
-                    "SELECT e.path, f.name, f.type, f.size FROM files f JOIN entries e ON e.id = f.entry_id "
-                    "ORDER BY 1, 2")],
-            ))
-    assert dumps[0] == dumps[1] and len(dumps[0][0]) == SAMPLE_ENTRIES - 1
-    monkeypatch.setenv("INFERCACHE_INDEX_WORKERS", "many")
-    with pytest.raises(BadInputError, match="'many'"):
-        with Catalog(tmp_path / "bad" / "catalog.db") as cat:
-            index(cat, [triton_cache], rescan=True)

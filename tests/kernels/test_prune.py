@@ -18,7 +18,7 @@ from infercache.kernels.replicate import replicate_entry
 from infercache.kernels.samples import DEFAULT_TARGETS, SAMPLE_KERNELS, compile_sample
 from infercache.kernels.stats import compute_stats
 from infercache.kernels.triton_entry import IR_TYPES, TritonEntry, parse_entry
-from tests.kernels.kutil import SAMPLE_ENTRIES, catalog, do_index, du, entries, group_of, set_age  # noqa: F401
+from tests.kernels.kutil import SAMPLE_ENTRIES, do_index, du, entries, group_of, set_age
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

@@ -9,7 +9,7 @@ import pytest
 from infercache.errors import BadInputError
 from infercache.kernels.catalog import Catalog
 from infercache.kernels.query import KernelFilter, query
-from tests.kernels.kutil import SAMPLE_ENTRIES, catalog, do_index, entries, set_age  # noqa: F401
+from tests.kernels.kutil import SAMPLE_ENTRIES, do_index, entries, set_age
 
 DAY = 86400
 

@@ -205,14 +205,9 @@ def _index(
     done = 0
     if progress:
         progress(0, total)
-    # 2. Per cache dir: compare signatures, parse what changed (in worker processes when there
-    #    are thousands), write in batches while the workers go on parsing.
-    pool = _Pool()
-    try:
-        for tcd, children in jobs:
-            done = _index_dir(catalog, tcd, children, run, rescan, progress, done, total, pool)
-    finally:
-        pool.close()
+    # 2. Per cache dir: compare signatures, parse what changed, write in batches.
+    for tcd, children in jobs:
+        done = _index_dir(catalog, tcd, children, run, rescan, progress, done, total)
     # 3. Artifacts, vanished cache dirs, roots.
     now = time.time()
     with catalog.transaction() as conn:
@@ -280,52 +275,15 @@ def _list_children(path: Path) -> list[tuple[str, os.stat_result]]:
         return []
 
 
-#: Entries to parse in one cache dir before worker processes pay for themselves.
-PARALLEL_MIN = 2000
-#: Entries per task sent to a worker.
-CHUNK = 250
-
-# A prepared item is what the catalog writer needs, made of plain values (cheap to pickle):
+# A prepared item is what the catalog writer needs, made of plain values:
 #   ("k", path, sig, entry_row, [(name, type, size)], [skipped-row extras])   a kernel
 #   ("s", path, sig, kind, reason, size, mtime)                               not a kernel
+# (Parsing in worker processes was tried: no faster on a loaded 2-core machine, so it stays serial.)
 Item = tuple
 
 
-def _workers() -> int:
-    env = os.environ.get("INFERCACHE_INDEX_WORKERS")
-    if env is not None:
-        try:
-            return max(0, int(env))
-        except ValueError:
-            raise BadInputError(f"INFERCACHE_INDEX_WORKERS must be an integer, not {env!r}") from None
-    return min(os.cpu_count() or 1, 4)
-
-
-class _Pool:
-    """Worker processes for parsing, started on first need (most runs never need them)."""
-
-    def __init__(self) -> None:
-        self.executor: Any = None
-
-    def get(self) -> Any:
-        if self.executor is None:
-            import multiprocessing
-            import threading
-            from concurrent.futures import ProcessPoolExecutor
-
-            # fork is cheap, but not safe once other threads exist (a progress bar, a host app).
-            method = "fork" if threading.active_count() == 1 and hasattr(os, "fork") else "spawn"
-            self.executor = ProcessPoolExecutor(_workers(), mp_context=multiprocessing.get_context(method))
-        return self.executor
-
-    def close(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
-            self.executor = None
-
-
 def _prepare(path: str, st: os.stat_result, info: "_CacheDirInfo", now: float) -> Item:
-    """Parse one candidate and turn it into catalog rows (runs in a worker for big scans)."""
+    """Parse one candidate and turn it into catalog rows."""
     sig = signature(st)
     result, raw = scan_entry(Path(path), st)
     if isinstance(result, NotAKernel):
@@ -344,12 +302,6 @@ def _prepare(path: str, st: os.stat_result, info: "_CacheDirInfo", now: float) -
             extras)
 
 
-def _prepare_chunk(parent: str, chunk: list[tuple[str, os.stat_result]], info: "_CacheDirInfo",
-                   now: float) -> list[Item]:
-    gc.disable()  # a fresh worker: same reasoning as in index()
-    return [_prepare(os.path.join(parent, name), st, info, now) for name, st in chunk]
-
-
 def _index_dir(
     catalog: Catalog,
     tcd: Any,
@@ -359,7 +311,6 @@ def _index_dir(
     progress: ProgressCallback | None,
     done: int,
     total: int,
-    pool: _Pool | None = None,
 ) -> int:
     parent = str(tcd.path)
     info = _CacheDirInfo.of(tcd)
@@ -392,17 +343,9 @@ def _index_dir(
         progress(done, total)
 
     now = time.time()
-    items: Iterable[list[Item]]
-    if pool is not None and len(todo) >= PARALLEL_MIN and _workers() > 1:
-        chunks = [todo[i : i + CHUNK] for i in range(0, len(todo), CHUNK)]
-        executor = pool.get()
-        items = executor.map(_prepare_chunk, [parent] * len(chunks), chunks, [info] * len(chunks),
-                             [now] * len(chunks))
-    else:
-        items = (_prepare_chunk(parent, todo[i : i + CHUNK], info, now) for i in range(0, len(todo), CHUNK))
     pending: list[Item] = []
-    for chunk_items in items:
-        pending.extend(chunk_items)
+    for name, st in todo:
+        pending.append(_prepare(os.path.join(parent, name), st, info, now))
         if len(pending) >= BATCH:
             _write(catalog, info, pending, run, known_skips)
             done += len(pending)
