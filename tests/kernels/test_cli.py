@@ -200,3 +200,24 @@ def test_mcm_flags(triton_cache: Path, data_dir: Path) -> None:
     assert not any(e.arch == "gfx942" for e in entries(triton_cache))
     assert mcm("list", "-b", "rocmx").exit_code == 2
     assert mcm("prune", "--full", "--deduplicate").exit_code == 2
+
+
+def test_list_vllm_artifacts(sample_cache_master: Path, tmp_path: Path, data_dir: Path) -> None:
+    from tests.kernels import layouts
+
+    root = tmp_path / "vllm"
+    lay = layouts.make_vllm_new(root, sample_cache_master, binary=3)
+    cli("kernels", "index", "--cache-dir", str(root))
+    r = cli("kernels", "list", "--artifacts", "--format", "json")
+    assert r.exit_code == 0, r.output
+    arts = json.loads(r.stdout)
+    assert sorted(a["path"] for a in arts) == sorted(str(p.resolve()) for p in lay.artifacts)
+    for a in arts:
+        assert a["size"] == 4096 and a["kind"] == "artifact" and ISO.match(a["modified"])
+        assert a["vllm"]["rank"] == "rank_0_0" and a["vllm"]["prefix"] == "backbone"
+    r = cli("kernels", "list", "--artifacts")
+    assert "3 artifacts, 12.0 KiB (12288 bytes)" in r.stdout
+    r = cli("kernels", "list", "--format", "json")
+    assert len(json.loads(r.stdout)) == lay.entry_count  # kernels only
+    stats = json.loads(cli("kernels", "stats", "--format", "json").stdout)
+    assert stats["artifacts"] == {"entries": 3, "total_size": 12288}

@@ -187,6 +187,7 @@ def list_command(
                                                                "last_access, backend, arch, warps, version, key."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N rows."),
     fmt: ListFormat = typer.Option(ListFormat.table, "--format", help="table, json or csv."),
+    artifacts: bool = typer.Option(False, "--artifacts", help="List vLLM's opaque artifacts instead of kernels."),
 ) -> None:
     """List kernels in the catalog, filtered and sorted."""
     from infercache.kernels.query import parse_sort, query
@@ -195,6 +196,9 @@ def list_command(
                        younger_than=younger_than, hits_lower=cache_hit_lower, hits_higher=cache_hit_higher,
                        cache_dirs=cache_dir, mode=mode)
     parse_sort(sort)  # bad sort field → exit 2 before any work
+    if artifacts:
+        _list_artifacts(ctx, flt, cache_dir, mode, limit, fmt)
+        return
     with open_catalog(ctx) as catalog:
         refresh_if_dirs(catalog, cache_dir, mode)
         records = query(catalog, flt, sort=sort, limit=limit)
@@ -212,6 +216,39 @@ def list_command(
         console.print(footer(records), highlight=False)
         if empty_catalog:
             err_console.print("the catalog is empty: run `infercache kernels index` first", highlight=False)
+
+
+def _list_artifacts(ctx: typer.Context, flt: Any, cache_dir: Optional[Sequence[Path]], mode: str,
+                    limit: Optional[int], fmt: ListFormat) -> None:
+    from rich.table import Table
+
+    from infercache.kernels.query import query_artifacts
+    from infercache.units import format_size
+
+    with open_catalog(ctx) as catalog:
+        refresh_if_dirs(catalog, cache_dir, mode)
+        records = query_artifacts(catalog, flt, limit)
+    if fmt == ListFormat.json:
+        print_json([r.to_json() for r in records])
+    elif fmt == ListFormat.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(("path", "cache_root", "kind", "size", "modified", "vllm_hash", "vllm_rank", "vllm_prefix"))
+        for r in records:
+            j = r.to_json()
+            writer.writerow((r.path, r.cache_root, r.kind, r.size, j["modified"], r.vllm_hash, r.vllm_rank,
+                             r.vllm_prefix or ""))
+    else:
+        table = Table(header_style="bold")
+        for col in ("Kind", "vLLM hash", "Rank", "Prefix", "Size", "Modified", "Path"):
+            table.add_column(col, overflow="fold")
+        for r in records:
+            table.add_row(r.kind, r.vllm_hash or "-", r.vllm_rank or "-", r.vllm_prefix or "-", format_size(r.size),
+                          _short_time(r.to_json()["modified"]), r.path)
+        if records:
+            console.print(table)
+        total = sum(r.size for r in records)
+        console.print(f"{len(records)} artifact{'s' if len(records) != 1 else ''}, {format_size(total)} "
+                      f"({total} bytes)", highlight=False)
 
 
 def _plan_table(plan: Any, limit: int = 50) -> Any:

@@ -321,3 +321,43 @@ def metadata_of(catalog: Catalog, entry_id: int) -> dict[str, Any]:
     """The full metadata JSON of one entry (kept out of `query` for speed)."""
     row = catalog.conn.execute("SELECT metadata FROM entries WHERE id = ?", (entry_id,)).fetchone()
     return json.loads(row[0]) if row else {}
+
+
+class ArtifactRecord(NamedTuple):
+    """An opaque vLLM artifact (binary compile artifact, AOT `model`): size, time, where."""
+
+    path: str
+    cache_root: str
+    kind: str
+    size: int
+    modified: float
+    vllm_hash: str | None
+    vllm_rank: str | None
+    vllm_prefix: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "cache_root": self.cache_root,
+            "kind": self.kind,
+            "size": self.size,
+            "modified": iso(self.modified),
+            "vllm": {"hash": self.vllm_hash, "rank": self.vllm_rank, "prefix": self.vllm_prefix},
+        }
+
+
+def query_artifacts(catalog: Catalog, flt: KernelFilter | None = None, limit: int | None = None) -> list[ArtifactRecord]:
+    """vLLM artifacts, newest first; only the cache-dir and age parts of `flt` apply to them."""
+    flt = flt or KernelFilter()
+    where, params = KernelFilter(cache_dirs=flt.cache_dirs, older_than=flt.older_than,
+                                 younger_than=flt.younger_than).where()
+    sql = (
+        "SELECT e.path, e.cache_root, e.kind, e.size, e.modified, e.vllm_hash, e.vllm_rank, e.vllm_prefix "
+        f"FROM artifacts e WHERE {where} ORDER BY e.modified DESC, e.path"
+    )
+    if limit is not None:
+        sql += " LIMIT ?"
+        params = [*params, limit]
+    cursor = catalog.conn.cursor()
+    cursor.row_factory = None
+    return [ArtifactRecord._make(r) for r in cursor.execute(sql, params)]
