@@ -23,6 +23,7 @@ the catalog is updated from the disk afterwards.
 from __future__ import annotations
 
 import json
+from collections import abc  # isinstance against abc, not typing: typing's check is slow
 import logging
 import os
 import shutil
@@ -230,7 +231,7 @@ def _group_form(group_json: Mapping[str, Any]) -> str:
     children = group_json.get("child_paths")
     if isinstance(children, list):
         return "list"
-    if isinstance(children, Mapping) and children and all(not os.path.isabs(str(v)) for v in children.values()):
+    if isinstance(children, abc.Mapping) and children and all(not os.path.isabs(str(v)) for v in children.values()):
         return "relative"
     return "absolute"
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import json
+from collections import abc  # isinstance against abc, not typing: typing's check is slow
 import logging
 import os
 import stat
@@ -117,8 +118,8 @@ def group_children(group_json: Mapping[str, Any]) -> list[str]:
     remote cache manager write ``{"child_paths": [name, ...]}``. Names only are returned
     (the location is always the entry directory itself).
     """
-    children = group_json.get("child_paths") if isinstance(group_json, Mapping) else None
-    if isinstance(children, Mapping):
+    children = group_json.get("child_paths") if isinstance(group_json, abc.Mapping) else None
+    if isinstance(children, abc.Mapping):
         names = [str(k) for k in children.keys()]
     elif isinstance(children, (list, tuple)):
         names = [os.path.basename(str(c)) for c in children]
@@ -306,7 +307,7 @@ def _parse(path: Path, st: os.stat_result | None, raw_out: list[bytes]) -> Trito
         group_json = _read_json(os.path.join(path_s, group_name), None, files[group_name].st_size)
     except (ValueError, UnicodeDecodeError) as exc:
         return NotAKernel(path, "unparsable", f"corrupt group file {group_name}: {exc}", size_all)
-    if not isinstance(group_json, Mapping) or "child_paths" not in group_json:
+    if not isinstance(group_json, abc.Mapping) or "child_paths" not in group_json:
         return NotAKernel(path, "unparsable", f"group file {group_name} has no child_paths", size_all)
     children = group_children(group_json)
     if links:
@@ -325,11 +326,11 @@ def _parse(path: Path, st: os.stat_result | None, raw_out: list[bytes]) -> Trito
         metadata = _read_json(os.path.join(path_s, meta_name), raw_out, meta_st.st_size)
     except (ValueError, UnicodeDecodeError) as exc:
         return NotAKernel(path, "unparsable", f"corrupt metadata {meta_name}: {exc}", size_all)
-    if not isinstance(metadata, Mapping):
+    if not isinstance(metadata, abc.Mapping):
         return NotAKernel(path, "unparsable", f"metadata {meta_name} is not a JSON object", size_all)
 
     target = metadata.get("target")
-    if not isinstance(target, Mapping):
+    if not isinstance(target, abc.Mapping):
         target = {}
     prefix_len = len(kernel_name) + 1
     entry_files = []
