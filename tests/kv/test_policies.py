@@ -243,3 +243,75 @@ def test_evict_percent_and_bytes(make_pool) -> None:
         pool.evict(percent=0)
     with pytest.raises(BadInputError):
         pool.evict(percent=10, expired=True)
+
+
+def test_lazy_order_matches_a_full_sort_with_ties() -> None:
+    from infercache.kv.policies import lazy_order
+
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 10, 64, 65, 500, 3000):
+        primary = rng.integers(0, 7, size=n)  # many ties on the primary key
+        secondary = rng.permutation(n)
+        positions = np.arange(n) * 3 + 1
+        expected = positions[np.lexsort((secondary, primary))].tolist()
+        assert list(lazy_order(positions, (secondary, primary))) == expected, n
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "priority", "ttl"])
+def test_large_pool_order_is_exact(make_pool, policy: str) -> None:
+    """300 entries (more than one partial-sort round): victims come in exactly the policy order."""
+    pool = make_pool(size="300K", block_size="1K", policy=policy)
+    rng = np.random.default_rng(11)
+    order = rng.permutation(300)
+    for i in order:  # insertion order is the permutation
+        assert pool.put(f"k{i}", b"v" * BLOCK, priority=int(i % 5), ttl=1000 + int(i) if i % 3 else None)
+    for i in rng.permutation(300)[:150]:  # reads in another order, some keys twice
+        pool.get(f"k{i}")
+        if i % 4 == 0:
+            pool.get(f"k{i}")
+    info = {k: pool.info(k) for k in pool.keys()}
+    ticks = {k: info[k]["access_tick"] for k in info}
+    inserted = {k: n for n, k in enumerate(pool.keys())}  # keys() is oldest insertion first
+    expected_key = {
+        "lru": lambda k: (ticks[k],),
+        "lfu": lambda k: (info[k]["access_count"], ticks[k]),
+        "fifo": lambda k: (inserted[k],),
+        "priority": lambda k: (info[k]["priority"], ticks[k]),
+        "ttl": lambda k: (info[k]["expires"] or float("inf"), ticks[k]),
+    }[policy]
+    expected = sorted(info, key=expected_key)
+    evicted = []
+    for _ in range(120):
+        before = set(pool.keys())
+        assert pool.evict(bytes=1) == 1
+        evicted += list(before - set(pool.keys()))
+    assert evicted == expected[:120]
+
+
+def test_large_s3fifo_matches_a_reference_model(make_pool) -> None:
+    """300 one-block entries, 100 of them read once: eviction follows S3-FIFO step by step."""
+    pool = make_pool(size="300K", block_size="1K", policy="s3fifo")
+    rng = np.random.default_rng(12)
+    inserted = [f"k{i}" for i in rng.permutation(300)]
+    for key in inserted:
+        assert pool.put(key, b"v" * BLOCK)
+    read = {inserted[i] for i in rng.permutation(300)[:100]}
+    for key in read:
+        pool.get(key)
+    small, main, evicted = list(inserted), [], []
+    while len(evicted) < 250:  # the reference: one-block entries, threshold 10% of 300 blocks
+        if small and (len(small) >= 30 or not main):
+            key = small.pop(0)
+            if key in read:
+                read.discard(key)
+                main.append(key)
+            else:
+                evicted.append(key)
+        else:
+            evicted.append(main.pop(0))
+    got = []
+    for _ in range(250):
+        before = set(pool.keys())
+        assert pool.evict(bytes=1) == 1
+        got += list(before - set(pool.keys()))
+    assert got == evicted

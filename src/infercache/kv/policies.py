@@ -1,9 +1,8 @@
 """Eviction policies: which published, unpinned entries go first when space is needed.
 
-Victim order is computed with numpy over the entry table once per eviction round (the
-table is small next to the block count: one record per value) and then consumed lazily
-until the request fits, so one put that needs many evictions costs one sort, not one scan
-per victim. For every policy, entries whose TTL has passed go first (soonest expiry first):
+Victim order is computed with numpy over the entry table (one record per value, far fewer
+than blocks) and consumed lazily until the request fits: a partial sort (see lazy_order)
+keeps a put into a full pool at O(entries) vectorised work, not a full sort. For every policy, entries whose TTL has passed go first (soonest expiry first):
 an expired entry is already a miss, keeping it only wastes space.
 
 S3-FIFO (Yang et al., SOSP'23) keeps its state in the records: a "main queue" flag, a
@@ -36,34 +35,70 @@ POLICY_NAMES = {i: name for name, i in POLICY_IDS.items()}
 S3_SMALL_RATIO = 0.10
 
 
-def order(policy: str, rows: "np.ndarray", now: float) -> "np.ndarray":
-    """Positions into `rows` (candidate entry records) in eviction order, expired ones first."""
+FIELDS = ("expiry", "atick", "itick", "count", "priority", "flags", "nblocks")
+_BATCH = 16
+
+
+def lazy_order(positions: "np.ndarray", keys: tuple["np.ndarray", ...]) -> Iterator[int]:
+    """Yield `positions` in np.lexsort order of `keys` (primary key last), sorting lazily.
+
+    Eviction usually needs one or a few victims, so instead of sorting every candidate on
+    each put (O(n log n) per put on a full pool), each round partitions on the primary key
+    and sorts only the candidates at or below the 16th smallest value: O(n) per round, exact
+    (everything left out has a strictly larger primary key).
+    """
     import numpy as np
 
-    expiry = rows["expiry"]
+    while len(positions):
+        if len(positions) <= 4 * _BATCH:
+            yield from positions[np.lexsort(keys)].tolist()
+            return
+        primary = keys[-1]
+        kth = np.partition(primary, _BATCH)[_BATCH]
+        sel = primary <= kth
+        chosen = np.flatnonzero(sel)
+        sub_keys = tuple(k[chosen] for k in keys)
+        yield from positions[chosen][np.lexsort(sub_keys)].tolist()
+        rest = ~sel
+        positions = positions[rest]
+        keys = tuple(k[rest] for k in keys)
+
+
+def _expired_first(fields: dict[str, "np.ndarray"], now: float) -> tuple["np.ndarray", "np.ndarray"]:
+    """(expired positions by expiry, the other positions)."""
+    import numpy as np
+
+    expiry = fields["expiry"]
     expired = (expiry > 0) & (expiry <= now)
     first = np.flatnonzero(expired)
     first = first[np.argsort(expiry[first], kind="stable")]
-    rest = np.flatnonzero(~expired)
-    r = rows[rest]
+    return first, np.flatnonzero(~expired)
+
+
+def order(policy: str, fields: dict[str, "np.ndarray"], now: float) -> Iterator[int]:
+    """Positions into the candidate arrays `fields` (FIELDS) in eviction order, expired first."""
+    import numpy as np
+
+    first, rest = _expired_first(fields, now)
+    yield from first.tolist()
     if policy == "lru":
-        keys: tuple = (r["atick"],)
+        keys: tuple = (fields["atick"][rest],)
     elif policy == "lfu":
-        keys = (r["atick"], r["count"])
+        keys = (fields["atick"][rest], fields["count"][rest])
     elif policy == "fifo":
-        keys = (r["itick"],)
+        keys = (fields["itick"][rest],)
     elif policy == "priority":
-        keys = (r["atick"], r["priority"])
+        keys = (fields["atick"][rest], fields["priority"][rest])
     elif policy == "ttl":
-        exp = np.where(r["expiry"] > 0, r["expiry"], np.inf)
-        keys = (r["atick"], exp)
+        exp = fields["expiry"][rest]
+        keys = (fields["atick"][rest], np.where(exp > 0, exp, np.inf))
     else:
         raise ValueError(f"policy {policy!r} has no static order")
-    return np.concatenate([first, rest[np.lexsort(keys)]]) if len(rest) else first
+    yield from lazy_order(rest, keys)
 
 
 def s3fifo_victims(
-    rows: "np.ndarray",
+    fields: dict[str, "np.ndarray"],
     slots: "np.ndarray",
     now: float,
     total_blocks: int,
@@ -73,41 +108,53 @@ def s3fifo_victims(
 ) -> Iterator[int]:
     """Entry slots to evict, in S3-FIFO order; moves entries between queues as it goes.
 
-    `rows`/`slots`: candidate records and their slots; `small_blocks`: blocks held by all
-    published entries of the small queue; `set_queue(slot, flags)` writes new flags and a
-    fresh queue tick (the entry goes to the head of its queue).
+    `fields`/`slots`: candidate records (FIELDS arrays) and their slots; `small_blocks`:
+    blocks held by all published entries of the small queue; `set_queue(slot, flags)`
+    writes new flags and a fresh queue tick (the entry goes to the tail of its queue, after
+    every entry already there, so a queue is: the old entries by tick, then the moved ones).
     """
-    import numpy as np
-
-    expiry = rows["expiry"]
-    expired = (expiry > 0) & (expiry <= now)
-    for pos in np.flatnonzero(expired)[np.argsort(expiry[expired], kind="stable")]:
+    first, rest = _expired_first(fields, now)
+    nblocks = fields["nblocks"]
+    for pos in first.tolist():
         slot = int(slots[pos])
         if not get_flags(slot) & F_S3_MAIN:
-            small_blocks -= int(rows["nblocks"][pos])
+            small_blocks -= int(nblocks[pos])
         yield slot
-    live = ~expired
-    main = (rows["flags"] & F_S3_MAIN).astype(bool)
-    by_tick = np.argsort(rows["itick"], kind="stable")
-    small_q = deque((int(slots[p]), int(rows["nblocks"][p])) for p in by_tick if live[p] and not main[p])
-    main_q = deque((int(slots[p]), int(rows["nblocks"][p])) for p in by_tick if live[p] and main[p])
+    main = (fields["flags"][rest] & F_S3_MAIN).astype(bool)
+    small_pos, main_pos = rest[~main], rest[main]
+    small_iter = lazy_order(small_pos, (fields["itick"][small_pos],))
+    main_old = lazy_order(main_pos, (fields["itick"][main_pos],))
+    main_new: deque[tuple[int, int]] = deque()
+    n_small, n_main = len(small_pos), len(main_pos)
     threshold = S3_SMALL_RATIO * total_blocks
-    while small_q or main_q:
-        if small_q and (small_blocks >= threshold or not main_q):
-            slot, nb = small_q.popleft()
+
+    def pop_main() -> tuple[int, int]:
+        pos = next(main_old, None)
+        if pos is None:
+            return main_new.popleft()
+        return int(slots[pos]), int(nblocks[pos])
+
+    while n_small or n_main:
+        if n_small and (small_blocks >= threshold or not n_main):
+            pos = next(small_iter)
+            n_small -= 1
+            slot, nb = int(slots[pos]), int(nblocks[pos])
             flags = get_flags(slot)
             small_blocks -= nb
             if (flags & F_S3_FREQ_MASK) >> F_S3_FREQ_SHIFT >= 1:  # read while on probation: keep it
                 set_queue(slot, (flags | F_S3_MAIN) & ~F_S3_FREQ_MASK)
-                main_q.append((slot, nb))
+                main_new.append((slot, nb))
+                n_main += 1
                 continue
             yield slot
         else:
-            slot, nb = main_q.popleft()
+            slot, nb = pop_main()
+            n_main -= 1
             flags = get_flags(slot)
             freq = (flags & F_S3_FREQ_MASK) >> F_S3_FREQ_SHIFT
             if freq > 0:
                 set_queue(slot, (flags & ~F_S3_FREQ_MASK) | ((freq - 1) << F_S3_FREQ_SHIFT))
-                main_q.append((slot, nb))
+                main_new.append((slot, nb))
+                n_main += 1
                 continue
             yield slot

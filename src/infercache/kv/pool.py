@@ -45,7 +45,7 @@ from infercache.kv.layout import (
     entry_dtype,
 )  # fmt: skip
 from infercache.kv.lock import PoolLock
-from infercache.kv.policies import POLICIES, POLICY_IDS, POLICY_NAMES, order, s3fifo_victims
+from infercache.kv.policies import FIELDS, POLICIES, POLICY_IDS, POLICY_NAMES, order, s3fifo_victims
 from infercache.units import format_size, parse_duration, parse_size
 
 if TYPE_CHECKING:
@@ -725,7 +725,7 @@ class Pool:
         rows = self._rows()
         published = (rows["state"] & 0xFF) == ST_PUBLISHED
         slots = np.flatnonzero(published & (rows["pins"] == 0))
-        cand = rows[slots]
+        cand = {name: rows[name][slots] for name in FIELDS}  # only the fields the policies use
         now = time.time()
         if self._s3:
             small = int(rows["nblocks"][published & ((rows["flags"] & F_S3_MAIN) == 0)].sum())
@@ -761,23 +761,42 @@ class Pool:
         return notes
 
     def _make_room_locked(self, nblocks: int) -> tuple[int, int]:
-        """(slot, first block) for a new entry, evicting by policy as needed; (-1, -1) if impossible."""
+        """(slot, first block) for a new entry, evicting by policy as needed; (-1, -1) if impossible.
+
+        Once the new entry fits, eviction goes on along the same victim order until 1/256 of
+        the blocks and of the entry slots are free (a low watermark): ranking victims scans the
+        entry table, and this spreads one scan over the next puts instead of one per put.
+        Pools under 256 blocks or entries get no headroom (every put evicts just enough).
+        """
         alloc = self._alloc
         for attempt in range(2):
             start = alloc.alloc(nblocks) if nblocks else 0
             if start >= 0 and self._slot_available():
                 return self._pop_slot_locked(), start
-            for victim in self._victims_locked():
+            victims = self._victims_locked()
+            for victim in victims:
                 self._evict_locked(victim)
                 if start < 0:
                     start = alloc.alloc(nblocks)
                 if start >= 0 and self._slot_available():
-                    return self._pop_slot_locked(), start
+                    slot = self._pop_slot_locked()
+                    self._headroom_locked(victims)
+                    return slot, start
             if start >= 0 and nblocks:
                 alloc.free(start, nblocks)
             if attempt == 0 and not self._reclaim_orphans_locked():
                 break
         return -1, -1
+
+    def _headroom_locked(self, victims: Iterator[int]) -> None:
+        hq = self._hq
+        want_blocks = self.n_blocks >> 8
+        want_slots = self.capacity_entries >> 8
+        for victim in victims:
+            free_slots = hq[HDR_FREE_TOP] + self.capacity_entries - hq[HDR_HWM]
+            if self._alloc.free_blocks >= want_blocks and free_slots >= want_slots:
+                return
+            self._evict_locked(victim)
 
     # ------------------------------------------------------------------ entries
     def put(
@@ -1130,6 +1149,8 @@ class Pool:
             "priority": self._ts[w + E_PRIORITY],
             "pins": tq[w + E_PINS],
             "has_prefix": bool(flags & F_HAS_PREFIX),
+            "insert_tick": tq[w + E_ITICK],  # the pool's logical clock: insertion / queue order
+            "access_tick": tq[w + E_ATICK],  # ... and recency
             **(
                 {"queue": "main" if flags & F_S3_MAIN else "small", "freq": (flags & F_S3_FREQ_MASK) >> F_S3_FREQ_SHIFT}
                 if self._s3
