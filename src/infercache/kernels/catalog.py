@@ -80,9 +80,9 @@ CREATE TABLE files (
     entry_id    INTEGER NOT NULL REFERENCES entries(id) ON DELETE CASCADE,
     name        TEXT NOT NULL,
     type        TEXT NOT NULL,
-    size        INTEGER NOT NULL
-);
-CREATE INDEX files_entry ON files(entry_id);
+    size        INTEGER NOT NULL,
+    PRIMARY KEY (entry_id, name)
+) WITHOUT ROWID;
 CREATE TABLE skipped (
     path        TEXT PRIMARY KEY,
     parent      TEXT NOT NULL,
