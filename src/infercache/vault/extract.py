@@ -198,13 +198,21 @@ class StagingState:
         os.unlink(path)
 
 
-def _create_file(target: str, data: bytes, rel: str, after: Any = None) -> ExtractedFile:
-    """Create a new file (never through a link) holding `data`; returns its size and sha256.
+Rewrite = Callable[[bytes], bytes]
+
+
+def _create_file(target: str, data: bytes, rel: str, after: Any = None, rewrite: Rewrite | None = None) -> ExtractedFile:
+    """Create a new file (never through a link) holding `data`; returns the size and sha256 of `data`.
 
     `after`: the future of the job making its directory (submitted earlier, so already running).
+    `rewrite`: what to write instead (e.g. a group file pointed at its final place); the
+    returned size and hash stay those of the layer's bytes, which the manifest describes.
     """
     if after is not None:
         after.result()
+    result = ExtractedFile(len(data), hashlib.sha256(data).hexdigest())
+    if rewrite is not None:
+        data = rewrite(data)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(target, flags, 0o644)
@@ -214,7 +222,7 @@ def _create_file(target: str, data: bytes, rel: str, after: Any = None) -> Extra
         raise
     with os.fdopen(fd, "wb") as out:
         out.write(data)
-    return ExtractedFile(len(data), hashlib.sha256(data).hexdigest())
+    return result
 
 
 def _make_dir(path: str, after: Any = None) -> None:
@@ -238,6 +246,7 @@ class _FileWriter:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="infercache-unpack") if threads > 1 else None
         self._pending: dict[str, Any] = {}
         self._dir_jobs: dict[str, Any] = {}  # directory rel → future of its mkdir
+        self._sizes: dict[str, int] = {}
         self._bytes = 0
         self._max = max_bytes
         self.results: dict[str, ExtractedFile] = {}
@@ -254,13 +263,24 @@ class _FileWriter:
         assert self._pool is not None
         self._dir_jobs[rel] = self._pool.submit(_make_dir, path, self._dir_jobs.get(parent))
 
-    def submit(self, rel: str, target: str, data: bytes) -> None:
+    def submit(self, rel: str, target: str, data: bytes, rewrite: Rewrite | None = None) -> None:
         assert self._pool is not None
-        if self._bytes + len(data) > self._max or len(self._pending) >= 256:
-            self.flush()
+        while self._pending and (self._bytes + len(data) > self._max or len(self._pending) >= 256):
+            self._retire_oldest()  # a sliding window: the pool never runs dry while we wait
         parent = rel.rpartition("/")[0]
-        self._pending[rel] = self._pool.submit(_create_file, target, data, rel, self._dir_jobs.get(parent))
+        self._pending[rel] = self._pool.submit(_create_file, target, data, rel, self._dir_jobs.get(parent), rewrite)
+        self._sizes[rel] = len(data)
         self._bytes += len(data)
+
+    def _retire_oldest(self) -> None:
+        rel = next(iter(self._pending))
+        future, size = self._pending.pop(rel), self._sizes.pop(rel)
+        self._bytes -= size
+        try:
+            self.results[rel] = future.result()
+        except BaseException:
+            self.flush()  # let the others finish (nothing may run after we return), then raise
+            raise
 
     def flush(self) -> None:
         """Wait for every pending write; the first failure is raised after all have finished."""
@@ -277,6 +297,7 @@ class _FileWriter:
             except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others finished
                 error = error or exc
         self._pending.clear()
+        self._sizes.clear()
         self._bytes = 0
         if error is not None:
             raise error
@@ -291,6 +312,8 @@ class _FileWriter:
 
 #: Files up to this size are read whole and written by the thread pool; bigger ones stream.
 _PARALLEL_MAX_FILE = 4 << 20
+#: A file that is rewritten on the way (group files) is read whole: it may not be bigger.
+MAX_REWRITTEN_FILE = 16 << 20
 
 
 def extract_layer(
@@ -302,12 +325,14 @@ def extract_layer(
     progress: Callable[[int], None] | None = None,
     threads: int = 4,
     state: StagingState | None = None,
+    rewrite: Callable[[str], Rewrite | None] | None = None,
 ) -> dict[str, ExtractedFile]:
     """Extract one (possibly compressed) tar layer into `staging`; returns {regular file: size and sha256}.
 
     `stream` should be a digest-verifying reader: the caller must drain and verify it
     after this returns and treat staging as untrusted until then. Paths replaced by a
-    link later in the layer are dropped from the result.
+    link later in the layer are dropped from the result. `rewrite(path)` may return a
+    function that turns a file's bytes into what is written instead.
     """
     limits = limits or ExtractLimits()
     allowed = frozenset(allowed_top)
@@ -347,9 +372,13 @@ def extract_layer(
                 if writer.pending(rel):
                     writer.flush()  # a duplicate path: the earlier write must land before it is replaced
                 place.remove_existing(rel, target)
-                if writer.parallel and member.size <= _PARALLEL_MAX_FILE:
-                    data = _read_member(tar, member)
-                    writer.submit(rel, target, data)
+                change = rewrite(rel) if rewrite is not None else None
+                if change is not None and member.size > MAX_REWRITTEN_FILE:
+                    raise UnsafeImageError(f"entry {rel} is {member.size} bytes: too large for a group file")
+                if writer.parallel and (member.size <= _PARALLEL_MAX_FILE or change is not None):
+                    writer.submit(rel, target, _read_member(tar, member), change)
+                elif change is not None:
+                    written[rel] = _create_file(target, _read_member(tar, member), rel, None, change)
                 else:
                     written[rel] = ExtractedFile(member.size, _write_member(tar, member, target))
                 if progress is not None:

@@ -178,24 +178,33 @@ def verify_entries(
     return by_dir
 
 
-def _rewrite_group(entry_dir: Path, final_dir: Path) -> None:
-    """Point the staged entry's group file at its final location (what Triton's loader needs).
+def group_rewriter(component: str, dest: Path) -> Callable[[str], Callable[[bytes], bytes] | None]:
+    """For extraction: group files get absolute child paths at their FINAL place as they are written.
 
-    Written in place without fsync: the staging dir is private and the entry only becomes
-    visible through the rename that follows (an fsync per entry made unpack 3x slower on ext4).
+    (The manifest's sha256 covers the relative form in the layer; extraction hashes that.)
     """
     from infercache.kernels.triton_entry import GROUP_PREFIX, group_children, group_file_bytes
 
-    for group in entry_dir.glob(f"{GROUP_PREFIX}*.json"):
-        try:
-            data = json.loads(group.read_bytes())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise UnsafeImageError(f"group file {group.name} is not valid JSON: {exc}") from None
-        children = group_children(data)
-        present = {p.name for p in entry_dir.iterdir()}
-        if any(c not in present for c in children):
-            raise UnsafeImageError(f"group file {group.name} lists files the entry does not hold")
-        group.write_bytes(group_file_bytes(children, final_dir))
+    top = L.CACHE_DIRS[component] + "/"
+
+    def for_path(rel: str) -> Callable[[bytes], bytes] | None:
+        if not rel.startswith(top):
+            return None
+        entry_rel, _, name = rel[len(top):].rpartition("/")
+        if not entry_rel or not name.startswith(GROUP_PREFIX) or not name.endswith(".json"):
+            return None
+        final_dir = dest / entry_rel
+
+        def rewrite(data: bytes) -> bytes:
+            try:
+                doc = json.loads(data)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise UnsafeImageError(f"group file {rel} is not valid JSON: {exc}") from None
+            return group_file_bytes(group_children(doc), final_dir)
+
+        return rewrite
+
+    return for_path
 
 
 class _Installer:
@@ -207,13 +216,13 @@ class _Installer:
         self._moved: list[tuple[Path, Path | None]] = []  # (final path, backup of what it replaced)
         self._n = 0
 
-    def install(self, staged: Path, final: Path, overwrite: bool) -> str:
-        """'extracted' | 'replaced' | 'present'."""
+    def install(self, staged: Path, final: Path, overwrite: bool, exists: bool | None = None) -> str:
+        """'extracted' | 'replaced' | 'present' (`exists`: already known, else looked up)."""
         # Triton keys are one path component (checked lexically); deeper vLLM paths are resolved.
         if final.parent != self.dest and not _inside(final, self.dest):
             raise UnsafeImageError(f"{final} would land outside {self.dest}")
         backup = None
-        if os.path.lexists(final):
+        if exists if exists is not None else os.path.lexists(final):
             if not overwrite:
                 return "present"
             self._n += 1
@@ -295,6 +304,7 @@ def unpack(
             done = 0
             hashes: dict[str, ExtractedFile] = {}
             state = StagingState(staging)
+            rewrite = group_rewriter(component, dest_path)
             for layer in manifest.layers:
                 reader = VerifyingReader(source.open_blob(layer), layer, "layer")
                 try:
@@ -305,7 +315,7 @@ def unpack(
                             progress(min(base + reader._read, total), total)  # noqa: SLF001
 
                     hashes.update(extract_layer(reader, layer.size, staging, L.TOP_LEVEL_DIRS, limits, _progress,
-                                                state=state))
+                                                state=state, rewrite=rewrite))
                     reader.verify_to_end()  # staged bytes are trusted only once the digest matched
                 finally:
                     reader.close()
@@ -361,6 +371,8 @@ def _install(
     records = L.manifest_records(manifest_doc, component)
     by_dir = verify_entries(staging, component, records, hashes)
     top = staging / L.CACHE_DIRS[component]
+    # Triton entries are direct children of dest: one listing instead of a lookup per entry.
+    existing = set(os.listdir(dest)) if component == "triton" else None
     extracted: list[str] = []
     replaced: list[str] = []
     present: list[str] = []
@@ -378,8 +390,7 @@ def _install(
             continue
         staged = top / rel
         final = dest / rel
-        _rewrite_group(staged, final)
-        outcome = installer.install(staged, final, overwrite)
+        outcome = installer.install(staged, final, overwrite, (rel in existing) if existing is not None else None)
         {"extracted": extracted, "replaced": replaced, "present": present}[outcome].append(rel)
         if outcome == "replaced":
             extracted.append(rel)
