@@ -210,7 +210,8 @@ def test_evict_percent_bytes_and_pins(names) -> None:
     before = after
     run_cli("kv", "evict", name, "--percent", "10", check=True)
     after = _stats(name)
-    assert before["used_bytes"] - after["used_bytes"] >= int(0.10 * before["size_bytes"]) or after["entries"] == 1
+    assert before["used_bytes"] - after["used_bytes"] >= int(0.10 * before["used_bytes"])
+    assert after["used_bytes"] > 0.8 * before["used_bytes"], "percent is of the bytes in use, not of the size"
     assert after["entries"] < before["entries"]
 
     run_cli("kv", "evict", name, "--percent", "100", check=True)

@@ -265,7 +265,7 @@ def evict(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Pool name."),
     percent: Optional[float] = typer.Option(
-        None, "--percent", help="Evict until this percentage of the pool's size is freed (or nothing evictable is left)."
+        None, "--percent", help="Evict until this percentage of the bytes in use is freed (or nothing evictable is left)."
     ),
     bytes_: Optional[str] = typer.Option(None, "--bytes", help="Evict at least this many bytes (e.g. 64M)."),
     expired: bool = typer.Option(False, "--expired", help="Evict the entries whose TTL has passed."),

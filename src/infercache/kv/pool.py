@@ -1185,22 +1185,26 @@ class Pool:
 
     # ------------------------------------------------------------------ eviction
     def evict(self, percent: float | None = None, bytes: int | str | None = None, expired: bool = False) -> int:
-        """Evict by policy until `percent` of the pool's size or `bytes` are freed, or every expired
-        entry (`expired=True`); pinned entries stay. Returns the number of entries evicted."""
+        """Evict by policy until `percent` of the bytes in use or `bytes` are freed, or every expired
+        entry (`expired=True`); pinned entries stay. Returns the number of entries evicted.
+
+        Percent is of what the pool holds, not of its size, so `--percent 25` on a lightly used
+        pool trims a quarter of it instead of emptying it."""
         modes = (percent is not None) + (bytes is not None) + bool(expired)
         if modes != 1:
             raise BadInputError("give exactly one of percent, bytes or expired")
         target = 0
-        if percent is not None:
-            if not 0 < float(percent) <= 100:
-                raise BadInputError(f"percent must be in (0, 100], got {percent}")
-            target = math.ceil(float(percent) / 100 * self.n_blocks * self.block_size)
+        if percent is not None and not 0 < float(percent) <= 100:
+            raise BadInputError(f"percent must be in (0, 100], got {percent}")
         elif bytes is not None:
             target = parse_size(bytes)
             if target <= 0:
                 raise BadInputError(f"bytes must be positive, got {bytes!r}")
         count = 0
         with self._mutating():
+            if percent is not None:
+                used = (self.n_blocks - self._alloc.free_blocks) * self.block_size
+                target = math.ceil(float(percent) / 100 * used)
             if expired:
                 import numpy as np
 
