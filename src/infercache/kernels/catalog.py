@@ -216,7 +216,13 @@ class Catalog:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction taken up front (BEGIN IMMEDIATE), so it waits rather than deadlocks."""
+        """A write transaction taken up front (BEGIN IMMEDIATE), so it waits rather than deadlocks.
+
+        Nested use joins the outer transaction (prune changes the disk and the rows in one).
+        """
+        if self.conn.in_transaction:
+            yield self.conn
+            return
         self._retry(lambda: self.conn.execute("BEGIN IMMEDIATE"))
         try:
             yield self.conn

@@ -427,11 +427,29 @@ def _write(
     run: _Run,
     skip_paths: Iterable[str] = (),
 ) -> None:
-    """Write one batch in one transaction, with a handful of executemany calls (fast for 10,000)."""
-    kernels = [it for it in pending if it[0] == "k"]
-    others = [it for it in pending if it[0] == "s"]
+    """Write one batch in one transaction, with a handful of executemany calls (fast for 10,000).
+
+    Inside the transaction each item's directory is checked again (one lstat): an entry that
+    a concurrent prune deleted or changed after we parsed it is dropped or re-read, so the
+    rows always match the disk.
+    """
     had_skip = set(skip_paths)
     with catalog.transaction() as conn:
+        now = time.time()
+        current: list[Item] = []
+        for item in pending:
+            try:
+                st = os.lstat(item[1])
+            except FileNotFoundError:
+                run.removed += conn.execute("DELETE FROM entries WHERE path = ?", (item[1],)).rowcount
+                conn.execute("DELETE FROM skipped WHERE path = ? OR owner = ?", (item[1], item[1]))
+                continue
+            except OSError:
+                current.append(item)
+                continue
+            current.append(item if signature(st) == item[2] else _prepare(item[1], st, info, now))
+        kernels = [it for it in current if it[0] == "k"]
+        others = [it for it in current if it[0] == "s"]
         paths = [it[1] for it in kernels]
         existing: dict[str, int] = {}
         for i in range(0, len(paths), 900):

@@ -329,51 +329,54 @@ def _safe_target(path: Path, root: Path) -> str | None:
 
 
 def execute_plan(plan: PrunePlan, catalog: Catalog) -> PruneResult:
-    """Carry out `plan`; entries that changed since planning are left alone and reported."""
+    """Carry out `plan`; entries that changed since planning are left alone and reported.
+
+    Each action changes the disk and the catalog inside one write transaction, and the
+    indexer re-checks every entry inside its own: a concurrent `index` can never write back
+    a row for a directory this just deleted or changed.
+    """
     from infercache.kernels.indexer import refresh_paths
 
     known_roots = {r for r, _ in catalog.roots()}
     freed = removed = pruned = paths = 0
     skipped: list[tuple[str, str]] = []
-    touched: list[Path] = []
     for action in plan.actions:
         if action.root not in known_roots:
             skipped.append((str(action.path), f"{action.root} is not an indexed cache dir"))
             continue
-        why = _safe_target(action.path, action.root)
-        if why:
-            skipped.append((str(action.path), why))
-            continue
-        try:
-            if action.kind == "ir":
-                got = _execute_ir(action)
-                if got is None:
-                    skipped.append((str(action.path), "entry changed since the plan was made"))
-                    continue
-                freed += got
-                pruned += 1
-            elif action.kind == "dir":
-                size = _tree_size(action.path)
-                shutil.rmtree(action.path)
-                freed += size
-                removed += 1
-            else:
-                st = os.lstat(action.path)
-                if stat.S_ISDIR(st.st_mode):
+        with catalog.transaction() as conn:
+            why = _safe_target(action.path, action.root)
+            if why:
+                skipped.append((str(action.path), why))
+                continue
+            try:
+                if action.kind == "ir":
+                    got = _execute_ir(action)
+                    if got is None:
+                        skipped.append((str(action.path), "entry changed since the plan was made"))
+                        continue
+                    freed += got
+                    pruned += 1
+                elif action.kind == "dir":
                     size = _tree_size(action.path)
                     shutil.rmtree(action.path)
+                    freed += size
+                    removed += 1
                 else:
-                    size = st.st_size
-                    os.unlink(action.path)
-                freed += size
-                paths += 1
-                catalog.conn.execute("DELETE FROM skipped WHERE path = ?", (str(action.path),))
-        except OSError as exc:
-            logger.warning("could not prune %s: %s", action.path, exc)
-            skipped.append((str(action.path), str(exc)))
-            continue
-        touched.append(action.owner or action.path)
-    refresh_paths(catalog, dict.fromkeys(touched))
+                    st = os.lstat(action.path)
+                    if stat.S_ISDIR(st.st_mode):
+                        size = _tree_size(action.path)
+                        shutil.rmtree(action.path)
+                    else:
+                        size = st.st_size
+                        os.unlink(action.path)
+                    freed += size
+                    paths += 1
+                    conn.execute("DELETE FROM skipped WHERE path = ?", (str(action.path),))
+            except OSError as exc:
+                logger.warning("could not prune %s: %s", action.path, exc)
+                skipped.append((str(action.path), str(exc)))
+            refresh_paths(catalog, [action.owner or action.path])
     return PruneResult(plan.strategy, removed, pruned, paths, freed, tuple(skipped))
 
 
