@@ -115,10 +115,7 @@ def index_command(
     if fmt == OutputFormat.json:
         print_json(summary.to_json())
         return
-    for note in summary.problems[:20]:
-        err_console.print(f"[yellow]warning:[/] skipped {note.path}: {note.reason}", highlight=False)
-    if len(summary.problems) > 20:
-        err_console.print(f"[yellow]warning:[/] ... and {len(summary.problems) - 20} more", highlight=False)
+    # Each skipped problem entry was already logged as a warning (with its path) on stderr.
     console.print(summary.line(), highlight=False)
 
 
