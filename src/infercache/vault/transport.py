@@ -16,6 +16,10 @@ Contract for implementers:
   and must verify the digest before making the blob visible (temp + rename).
 - ``ImageDestination.put_manifest()`` is the commit point; ``close()`` after
   a failure must leave no partial image behind.
+- Optional, for destinations on local disk: ``spool_dir() -> Path`` and
+  ``adopt_blob(descriptor, path)`` let pack build a layer where the destination
+  keeps blobs and hand it over by rename (one write instead of two); callers
+  check for them with ``getattr`` and fall back to ``put_blob``.
 """
 
 from __future__ import annotations
