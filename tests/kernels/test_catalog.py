@@ -117,3 +117,12 @@ def test_index_during_prune(big_cache: Path, data_dir: Path) -> None:
         assert len(on_disk) == 25 * SAMPLE_ENTRIES * 2 // 3
         s = do_index(cat, big_cache)
         assert (s.new, s.updated, s.removed) == (0, 0, 0)
+
+
+def test_unusable_catalog_is_a_clear_error(data_dir: Path, tmp_path: Path) -> None:
+    (data_dir / "catalog.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(InfercacheError, match="catalog"):
+        Catalog.open(data_dir)
+    (tmp_path / "plain-file").write_text("x")
+    with pytest.raises(InfercacheError, match="cannot open"):
+        Catalog.open(tmp_path / "plain-file" / "sub")

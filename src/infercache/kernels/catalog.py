@@ -145,24 +145,24 @@ class Catalog:
 
     def __init__(self, path: str | os.PathLike[str], *, upto: int | None = None) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not self.path.exists():
-            # Create it 0600 ourselves: SQLite would use the umask (and copies the main
-            # file's mode onto -wal/-shm, so those follow).
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
-            os.close(fd)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not self.path.exists():
+                # Create it 0600 ourselves: SQLite would use the umask (and copies the main
+                # file's mode onto -wal/-shm, so those follow).
+                fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
+                os.close(fd)
             self.conn = sqlite3.connect(
                 self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
             )
-        except sqlite3.Error as exc:
-            raise InfercacheError(f"cannot open catalog {self.path}: {exc}") from exc
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        self._retry(lambda: self.conn.execute("PRAGMA journal_mode=WAL"))
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.execute("PRAGMA cache_size=-32768")  # 32 MiB: a 10,000-entry catalog stays in memory
-        self.conn.execute("PRAGMA foreign_keys=ON")
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self._retry(lambda: self.conn.execute("PRAGMA journal_mode=WAL"))
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA cache_size=-32768")  # 32 MiB: a 10,000-entry catalog stays in memory
+            self.conn.execute("PRAGMA foreign_keys=ON")
+        except (OSError, sqlite3.Error) as exc:
+            raise InfercacheError(f"cannot open the catalog {self.path}: {exc}") from exc
         self._migrate(SCHEMA_VERSION if upto is None else upto)
 
     @classmethod
