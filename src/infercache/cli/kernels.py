@@ -405,7 +405,14 @@ def _print_stats(stats: Any) -> None:
         summary.add_row("vLLM artifacts", f"{stats.artifacts.entries} ({format_size(stats.artifacts.total_size)})")
     if stats.skipped:
         summary.add_row("Not kernels", ", ".join(f"{g.entries} {k}" for k, g in stats.skipped.items()))
+    if stats.installed_triton_version:
+        summary.add_row("Installed Triton", stats.installed_triton_version)
     console.print(summary)
+    if stats.other_triton_entries:
+        err_console.print(
+            f"[yellow]note:[/] {stats.other_triton_entries} kernel(s) were compiled by another Triton version "
+            f"than the installed {stats.installed_triton_version}: Triton can never hit on them here "
+            "(its cache key covers the exact install)", highlight=False)
     for title, groups in (("Backend", stats.by_backend), ("Arch", stats.by_arch),
                           ("Triton version", stats.by_triton_version)):
         if not groups:

@@ -179,7 +179,9 @@ def plan_prune(
     roots = _refresh(catalog, flt) if refresh else tuple(r for r, _ in catalog.roots())
     if strategy == "garbage":
         return _plan_garbage(catalog, flt, roots, garbage_min_age, now)
-    rows = [r for r in query(catalog, flt, sort="modified:asc", now=now) if _root_of(r.path, roots)]
+    root_set = {str(r) for r in roots}
+    rows = [r for r in query(catalog, flt, sort="modified:asc", now=now)
+            if r.cache_root_str in root_set and r.path_str.startswith(r.cache_root_str.rstrip("/") + "/")]
     if strategy == "ir":
         actions = [a for a in (_plan_ir(catalog, r, roots) for r in rows) if a is not None]
         return PrunePlan("ir", tuple(actions), roots)
@@ -198,9 +200,9 @@ def _root_of(path: Path, roots: tuple[Path, ...]) -> Path | None:
 
 
 def _dir_action(r: KernelRecord, roots: tuple[Path, ...], reason: str) -> PruneAction:
-    root = _root_of(r.path, roots)
-    assert root is not None
-    return PruneAction("dir", r.path, root, _tree_size(r.path), reason, r.key, r.name)
+    # Rows were filtered to lie under one of `roots` (their indexed cache_root); execution
+    # re-checks containment with symlinks resolved before deleting anything.
+    return PruneAction("dir", r.path, r.cache_root, _tree_size(r.path), reason, r.key, r.name)
 
 
 def _plan_ir(catalog: Catalog, r: KernelRecord, roots: tuple[Path, ...]) -> PruneAction | None:
@@ -220,10 +222,8 @@ def _plan_ir(catalog: Catalog, r: KernelRecord, roots: tuple[Path, ...]) -> Prun
     form = _group_form(group_json)
     new_bytes = _render_group(keep, r.path, form)
     freed = sum(size for _, size in remove) + len(group_raw) - len(new_bytes)
-    root = _root_of(r.path, roots)
-    assert root is not None
     return PruneAction(
-        "ir", r.path, root, freed, "IR files", r.key, r.name, tuple(sorted(removed_names)), keep, form
+        "ir", r.path, r.cache_root, freed, "IR files", r.key, r.name, tuple(sorted(removed_names)), keep, form
     )
 
 

@@ -36,6 +36,14 @@ class CacheStats:
     cache_dirs: tuple[str, ...]
     skipped: Mapping[str, Group]
     artifacts: Group
+    installed_triton_version: str | None = None
+
+    @property
+    def other_triton_entries(self) -> int:
+        """Kernels compiled by a Triton other than the installed one: they can never hit here."""
+        if self.installed_triton_version is None:
+            return 0
+        return sum(g.entries for v, g in self.by_triton_version.items() if v != self.installed_triton_version)
 
     @property
     def hit_rate(self) -> float | None:
@@ -58,6 +66,8 @@ class CacheStats:
             "cache_dirs": list(self.cache_dirs),
             "skipped": {k: v.to_json() for k, v in self.skipped.items()},
             "artifacts": self.artifacts.to_json(),
+            "installed_triton_version": self.installed_triton_version,
+            "other_triton_entries": self.other_triton_entries,
         }
 
 
@@ -115,4 +125,17 @@ def compute_stats(catalog: Catalog, flt: KernelFilter | None = None) -> CacheSta
         cache_dirs=roots,
         skipped=skipped,
         artifacts=Group(art[0], art[1]),
+        installed_triton_version=installed_triton_version(),
     )
+
+
+def installed_triton_version() -> str | None:
+    """The Triton installed here, from package metadata (importing triton would take ~1 s)."""
+    from importlib import metadata
+
+    for dist in ("triton", "pytorch-triton", "pytorch-triton-rocm"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
