@@ -74,7 +74,7 @@ CREATE TABLE entries (
 CREATE INDEX entries_name ON entries(name);
 CREATE INDEX entries_backend_arch ON entries(backend, arch);
 CREATE INDEX entries_modified ON entries(modified);
-CREATE INDEX entries_root ON entries(cache_root);
+CREATE INDEX entries_root ON entries(cache_root, parent, total_size);
 CREATE INDEX entries_parent ON entries(parent, path, signature);
 CREATE TABLE files (
     entry_id    INTEGER NOT NULL REFERENCES entries(id) ON DELETE CASCADE,
