@@ -108,3 +108,42 @@ def test_corrupt_layer_leaves_existing_dest_untouched(oci_image: str, tmp_path: 
     with pytest.raises(InfercacheError):
         unpack(f"oci:{layout}:v1", dest, ["cuda:90"])
     assert sorted(os.listdir(dest)) == ["keep.txt"]
+
+
+def test_failure_while_installing_rolls_back_everything(
+    oci_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection (the only way to fail half-way through the renames): the compatibility
+    check raises on the 4th entry, after 3 were moved into place; all must be undone, and an
+    entry that --overwrite had replaced must be back."""
+    import infercache.gpu.compat as compat
+
+    dest = tmp_path / "d"
+    first = unpack(oci_image, dest, ["cuda:90"])
+    keep = sorted(first.extracted)[0]
+    (dest / keep / "marker").write_text("old")
+    for key in sorted(first.extracted)[1:]:
+        import shutil
+
+        shutil.rmtree(dest / key)
+    real = compat.compatible_with_any
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compat, "compatible_with_any", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        unpack(oci_image, dest, ["cuda:80", "cuda:90", "hip:gfx90a", "hip:gfx942"], overwrite=True)
+    assert sorted(os.listdir(dest)) == [keep]
+    assert (dest / keep / "marker").read_text() == "old"
+
+
+def test_progress_reaches_the_layer_size(oci_image: str, tmp_path: Path) -> None:
+    calls: list[tuple[int, int]] = []
+    unpack(oci_image, tmp_path / "d", ["cuda:90"], progress=lambda done, total: calls.append((done, total)))
+    assert calls and calls[-1][0] == calls[-1][1] > 0
+    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
