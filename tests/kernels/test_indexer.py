@@ -48,8 +48,8 @@ def test_incremental_reads_only_changed_entries(triton_cache: Path, catalog: Cat
     from infercache.kernels import indexer
 
     parsed: list[Path] = []
-    real = indexer.scan_entry
-    monkeypatch.setattr(indexer, "scan_entry", lambda p, st=None: (parsed.append(p), real(p, st))[1])
+    real = indexer.scan
+    monkeypatch.setattr(indexer, "scan", lambda p, st=None: (parsed.append(Path(p)), real(p, st))[1])
     s = do_index(catalog, triton_cache)
     assert parsed == [changed.path]
     assert (s.new, s.updated, s.unchanged, s.removed) == (0, 1, SAMPLE_ENTRIES - 2, 1)

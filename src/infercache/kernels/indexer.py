@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from infercache.errors import BadInputError
 from infercache.kernels.catalog import Catalog
-from infercache.kernels.triton_entry import NotAKernel, TritonEntry, scan_entry
+from infercache.kernels.triton_entry import EntryScan, NotAKernel, scan
 
 logger = logging.getLogger(__name__)
 
@@ -285,21 +285,21 @@ Item = tuple
 def _prepare(path: str, st: os.stat_result, info: "_CacheDirInfo", now: float) -> Item:
     """Parse one candidate and turn it into catalog rows."""
     sig = signature(st)
-    result, raw = scan_entry(Path(path), st)
+    result = scan(path, st)
     if isinstance(result, NotAKernel):
         return ("s", path, sig, result.kind, result.reason, result.size, st.st_mtime)
-    parent = str(info.path)
-    root = str(info.cache_root)
-    extras = [
-        (str(p), parent, root, "garbage", "leftover of an interrupted write", _size_of(p), _mtime(p), "", path)
-        for p in result.leftovers
-    ] + [
-        (os.path.join(path, f.name), parent, root, "orphan", "file not listed in the group file", f.size,
-         _mtime(Path(path) / f.name), "", path)
-        for f in result.orphans
-    ]
-    return ("k", path, sig, entry_row(result, raw, info, sig, now), [(f.name, f.type, f.size) for f in result.files],
-            extras)
+    extras = None
+    if result.leftovers or result.orphans:
+        parent = info.path_s
+        root = info.root_s
+        extras = [
+            (p, parent, root, "garbage", "leftover of an interrupted write", _size_of(Path(p)), _mtime(Path(p)), "", path)
+            for p in result.leftovers
+        ] + [
+            (os.path.join(path, name), parent, root, "orphan", "file not listed in the group file", size, mtime, "", path)
+            for name, size, mtime in result.orphans
+        ]
+    return ("k", path, sig, entry_row(result, info, sig, now), result.files, extras)
 
 
 def _index_dir(
@@ -380,18 +380,18 @@ _UPSERT = (
 )
 
 
-def entry_row(entry: TritonEntry, raw: bytes | None, tcd: Any, sig: str, now: float) -> tuple[Any, ...]:
+def entry_row(entry: EntryScan, tcd: "_CacheDirInfo", sig: str, now: float) -> tuple[Any, ...]:
     """The `entries` row of a parsed entry (column order of `_ENTRY_COLUMNS`)."""
     md = entry.metadata
     maxnreg = md.get("maxnreg")
     fp_fusion = md.get("enable_fp_fusion")
     vllm = tcd.vllm
-    meta_text = raw.decode("utf-8", "replace") if raw is not None else json.dumps(md)
+    path = entry.path
     return (
-        str(entry.path),
-        str(tcd.path),
-        entry.key,
-        str(tcd.cache_root),
+        path,
+        tcd.path_s,
+        os.path.basename(path),
+        tcd.root_s,
         tcd.mode,
         entry.name,
         entry.backend,
@@ -409,14 +409,15 @@ def entry_row(entry: TritonEntry, raw: bytes | None, tcd: Any, sig: str, now: fl
         entry.total_size,
         entry.modified,
         json.dumps(entry.files_by_type()),
-        str(entry.group_file) if entry.group_file else None,
-        dedup_key(entry.name, raw, md, entry.hash),
+        os.path.join(path, entry.group_name),
+        dedup_key(entry.name, entry.raw, md, entry.hash),
         vllm.hash if vllm else None,
         vllm.rank if vllm else None,
         vllm.prefix if vllm else None,
         sig,
         now,
-        meta_text,
+        # The file's own bytes (valid JSON, parsed above): no re-encoding.
+        entry.raw.decode("utf-8", "replace"),
     )
 
 
@@ -477,7 +478,8 @@ def _write(
                 clear.append((path, path))
             rows.append((entry_id, *row))
             files.extend((entry_id, name, ftype, size) for name, ftype, size in entry_files)
-            extras.extend(entry_extras)
+            if entry_extras:
+                extras.extend(entry_extras)
         if existing:
             conn.executemany("DELETE FROM files WHERE entry_id = ?", [(i,) for i in existing.values()])
         if clear:
@@ -552,6 +554,14 @@ class _CacheDirInfo:
     mode: str
     cache_root: Path
     vllm: _VllmInfo | None
+
+    @property
+    def path_s(self) -> str:
+        return str(self.path)
+
+    @property
+    def root_s(self) -> str:
+        return str(self.cache_root)
 
     @classmethod
     def of(cls, tcd: Any) -> "_CacheDirInfo":

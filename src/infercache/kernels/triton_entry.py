@@ -22,7 +22,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 from infercache.fsutil import atomic_write_bytes
 
@@ -201,13 +201,13 @@ def _normalise_backend(value: Any) -> str | None:
     return lower
 
 
-def _read_json(path: str, raw_out: list[bytes] | None = None, size_hint: int | None = None) -> Any:
+def _read_bytes(path: str, size_hint: int | None = None) -> bytes:
     """Read a small JSON file without following a symlink (O_NOFOLLOW → ELOOP on a link).
 
     Reads in requests of the expected size (+1), not of the 16 MiB cap: `os.read(fd, n)`
     allocates n bytes up front, which would dominate indexing time.
     """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    fd = os.open(path, _OPEN_FLAGS)
     try:
         want = min(size_hint + 1, _MAX_JSON_BYTES + 1) if size_hint is not None else 65536
         chunks = []
@@ -224,10 +224,82 @@ def _read_json(path: str, raw_out: list[bytes] | None = None, size_hint: int | N
                 break
     finally:
         os.close(fd)
-    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    if raw_out is not None:
-        raw_out.append(data)
-    return json.loads(data)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+class EntryScan(NamedTuple):
+    """A kernel entry as plain values: what :func:`scan` returns.
+
+    Why a NamedTuple and str paths: the indexer scans tens of thousands of entries and
+    turns each straight into catalog rows; frozen dataclasses and `Path` objects cost more
+    than the parsing itself. :meth:`to_entry` gives the :class:`TritonEntry` other callers use.
+    """
+
+    path: str
+    name: str
+    backend: str
+    arch: str
+    warp_size: int | None
+    num_warps: int | None
+    num_stages: int | None
+    num_ctas: int | None
+    shared: int | None
+    ptx_version: int | None
+    triton_version: str | None
+    hash: str | None
+    #: (name, type, size) of every regular file, sorted by name.
+    files: list[tuple[str, str, int]]
+    group_name: str
+    metadata: dict[str, Any]
+    #: The metadata file's bytes as read (valid JSON: stored as is, never re-encoded).
+    raw: bytes
+    total_size: int
+    modified: float
+    #: Paths of `tmp.pid_*` sub-directories (interrupted writes).
+    leftovers: list[str]
+    #: Names the group file lists.
+    children: list[str]
+    #: (name, size, mtime) of files the group file does not list (and that are not the group file).
+    orphans: list[tuple[str, int, float]]
+
+    @property
+    def key(self) -> str:
+        return os.path.basename(self.path)
+
+    def files_by_type(self) -> dict[str, int]:
+        """Bytes per file type, as `kernels list --format json` shows them."""
+        out: dict[str, int] = {}
+        for _name, ftype, size in self.files:
+            out[ftype] = out.get(ftype, 0) + size
+        return out
+
+    def to_entry(self) -> TritonEntry:
+        path = Path(self.path)
+        return TritonEntry(
+            key=path.name,
+            path=path,
+            name=self.name,
+            backend=self.backend,
+            arch=self.arch,
+            warp_size=self.warp_size,
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+            num_ctas=self.num_ctas,
+            shared=self.shared,
+            ptx_version=self.ptx_version,
+            triton_version=self.triton_version,
+            hash=self.hash,
+            files=tuple(EntryFile(n, t, s) for n, t, s in self.files),
+            group_file=path / self.group_name,
+            metadata=self.metadata,
+            total_size=self.total_size,
+            modified=self.modified,
+            leftovers=tuple(Path(p) for p in self.leftovers),
+            children=tuple(self.children),
+        )
 
 
 def parse_entry(path: Path) -> TritonEntry | NotAKernel:
@@ -240,111 +312,132 @@ def scan_entry(path: Path, st: os.stat_result | None = None) -> tuple[TritonEntr
 
     `st` is the entry's own lstat result when the caller already has it.
     """
-    path = Path(path)
-    raw: list[bytes] = []
+    result = scan(os.fspath(path), st)
+    if isinstance(result, NotAKernel):
+        return result, None
+    return result.to_entry(), result.raw
+
+
+def scan(path: str, st: os.stat_result | None = None) -> EntryScan | NotAKernel:
+    """Classify one child of a Triton cache dir (str path, plain values); never raises for bad content.
+
+    THE parser: :func:`parse_entry` / :func:`scan_entry` and the indexer all go through it.
+    """
     try:
-        return _parse(path, st, raw), (raw[0] if raw else None)
+        return _parse(path, st)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            return NotAKernel(path, "symlink", "symbolic link loop (not followed)"), None
-        return NotAKernel(path, "unreadable", f"{exc.strerror or exc}"), None
+            return NotAKernel(Path(path), "symlink", "symbolic link loop (not followed)")
+        return NotAKernel(Path(path), "unreadable", f"{exc.strerror or exc}")
     except Exception as exc:  # noqa: BLE001 - the contract is: never crash on a bad entry
         logger.debug("unexpected error parsing %s", path, exc_info=True)
-        return NotAKernel(path, "unparsable", f"{type(exc).__name__}: {exc}"), None
+        return NotAKernel(Path(path), "unparsable", f"{type(exc).__name__}: {exc}")
 
 
-def _parse(path: Path, st: os.stat_result | None, raw_out: list[bytes]) -> TritonEntry | NotAKernel:
+def _parse(path_s: str, st: os.stat_result | None) -> EntryScan | NotAKernel:
     if st is None:
-        st = os.lstat(path)
+        st = os.lstat(path_s)
+    base = os.path.basename(path_s)
     if stat.S_ISLNK(st.st_mode):
-        return NotAKernel(path, "symlink", "symbolic link (not followed)")
-    if path.name.startswith(TMP_PREFIX):
-        return NotAKernel(path, "garbage", "leftover of an interrupted write", _tree_size(path))
+        return NotAKernel(Path(path_s), "symlink", "symbolic link (not followed)")
+    if base.startswith(TMP_PREFIX):
+        return NotAKernel(Path(path_s), "garbage", "leftover of an interrupted write", _tree_size(Path(path_s)))
     if not stat.S_ISDIR(st.st_mode):
-        if path.name.endswith(".autotune.json"):
-            return NotAKernel(path, "autotune", "autotune results", st.st_size)
-        return NotAKernel(path, "orphan", "stray file in the cache dir", st.st_size)
+        if base.endswith(".autotune.json"):
+            return NotAKernel(Path(path_s), "autotune", "autotune results", st.st_size)
+        return NotAKernel(Path(path_s), "orphan", "stray file in the cache dir", st.st_size)
 
-    path_s = os.fspath(path)
     files: dict[str, os.stat_result] = {}
-    leftovers: list[Path] = []
+    leftovers: list[str] = []
     links: list[str] = []
     others: list[str] = []
     with os.scandir(path_s) as it:
         for child in it:
-            cst = child.stat(follow_symlinks=False)
-            mode = cst.st_mode
-            if stat.S_ISREG(mode):
-                files[child.name] = cst
-            elif stat.S_ISLNK(mode):
+            # d_type answers symlink/dir without a syscall; only files need their stat (size).
+            if child.is_symlink():
                 links.append(child.name)
-            elif stat.S_ISDIR(mode):
+            elif child.is_dir(follow_symlinks=False):
                 if child.name.startswith(TMP_PREFIX):
-                    leftovers.append(Path(child.path))
+                    leftovers.append(child.path)
                 else:
                     others.append(child.name)
             else:
-                others.append(child.name)
+                cst = child.stat(follow_symlinks=False)
+                if stat.S_ISREG(cst.st_mode):
+                    files[child.name] = cst
+                elif stat.S_ISLNK(cst.st_mode):  # raced into a link since readdir
+                    links.append(child.name)
+                else:
+                    others.append(child.name)
 
     if not files and not links:
         if leftovers:
-            return NotAKernel(path, "garbage", "only leftovers of interrupted writes", _tree_size(path))
+            return NotAKernel(Path(path_s), "garbage", "only leftovers of interrupted writes", _tree_size(Path(path_s)))
         if others:
-            return NotAKernel(path, "other", f"no files, only sub-directories: {', '.join(sorted(others)[:3])}")
-        return NotAKernel(path, "empty", "empty directory")
+            return NotAKernel(Path(path_s), "other", f"no files, only sub-directories: {', '.join(sorted(others)[:3])}")
+        return NotAKernel(Path(path_s), "empty", "empty directory")
 
-    size_all = sum(s.st_size for s in files.values())
-    groups = sorted(n for n in files if n.startswith(GROUP_PREFIX) and n.endswith(".json"))
+    names = sorted(files)
+    size_all = 0
+    groups = []
+    for n in names:
+        size_all += files[n].st_size
+        if n.startswith(GROUP_PREFIX) and n.endswith(".json"):
+            groups.append(n)
     if not groups:
-        return _classify_groupless(path, set(files), links, size_all)
+        return _classify_groupless(Path(path_s), set(files), links, size_all)
 
     group_name = groups[0]
     if len(groups) > 1:
-        logger.debug("%s: several group files, using %s", path, group_name)
+        logger.debug("%s: several group files, using %s", path_s, group_name)
     meta_name = group_name[len(GROUP_PREFIX) :]
     kernel_name = meta_name[: -len(".json")]
     try:
-        group_json = _read_json(os.path.join(path_s, group_name), None, files[group_name].st_size)
+        group_json = json.loads(_read_bytes(os.path.join(path_s, group_name), files[group_name].st_size))
     except (ValueError, UnicodeDecodeError) as exc:
-        return NotAKernel(path, "unparsable", f"corrupt group file {group_name}: {exc}", size_all)
+        return NotAKernel(Path(path_s), "unparsable", f"corrupt group file {group_name}: {exc}", size_all)
     if not isinstance(group_json, abc.Mapping) or "child_paths" not in group_json:
-        return NotAKernel(path, "unparsable", f"group file {group_name} has no child_paths", size_all)
+        return NotAKernel(Path(path_s), "unparsable", f"group file {group_name} has no child_paths", size_all)
     children = group_children(group_json)
     if links:
         linked = sorted(c for c in children if c in links)
         if linked or meta_name in links:
             what = ", ".join(linked) or meta_name
-            return NotAKernel(path, "symlink", f"entry files are symbolic links (not followed): {what}", size_all)
+            return NotAKernel(Path(path_s), "symlink", f"entry files are symbolic links (not followed): {what}", size_all)
     missing = [c for c in children if c not in files]
     if missing:
-        return NotAKernel(path, "truncated", f"group file lists missing files: {', '.join(sorted(missing))}", size_all)
+        return NotAKernel(
+            Path(path_s), "truncated", f"group file lists missing files: {', '.join(sorted(missing))}", size_all
+        )
     meta_st = files.get(meta_name)
     if meta_st is None:
-        return NotAKernel(path, "truncated", f"metadata file {meta_name} is missing", size_all)
+        return NotAKernel(Path(path_s), "truncated", f"metadata file {meta_name} is missing", size_all)
 
     try:
-        metadata = _read_json(os.path.join(path_s, meta_name), raw_out, meta_st.st_size)
+        raw = _read_bytes(os.path.join(path_s, meta_name), meta_st.st_size)
+        metadata = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        return NotAKernel(path, "unparsable", f"corrupt metadata {meta_name}: {exc}", size_all)
+        return NotAKernel(Path(path_s), "unparsable", f"corrupt metadata {meta_name}: {exc}", size_all)
     if not isinstance(metadata, abc.Mapping):
-        return NotAKernel(path, "unparsable", f"metadata {meta_name} is not a JSON object", size_all)
+        return NotAKernel(Path(path_s), "unparsable", f"metadata {meta_name} is not a JSON object", size_all)
 
     target = metadata.get("target")
     if not isinstance(target, abc.Mapping):
         target = {}
-    prefix_len = len(kernel_name) + 1
+    prefix = kernel_name + "."
+    prefix_len = len(prefix)
     entry_files = []
-    for fname in sorted(files):
+    for fname in names:
         if fname == meta_name:
             ftype = "json"
-        elif fname.startswith(kernel_name) and fname[len(kernel_name) : prefix_len] == ".":
+        elif fname.startswith(prefix):
             ftype = fname[prefix_len:].lower() or "other"
         else:
             ftype = _file_type(fname, None)
-        entry_files.append(EntryFile(fname, ftype, files[fname].st_size))
+        entry_files.append((fname, ftype, files[fname].st_size))
     backend = _normalise_backend(target.get("backend")) or _normalise_backend(metadata.get("backend_name"))
     if backend is None:
-        types = {f.type for f in entry_files}
+        types = {t for _n, t, _s in entry_files}
         backend = next((b for t, b in BINARY_TYPES.items() if t in types), None)
         if backend is None:
             backend = "hip" if "amdgcn" in types else "cuda" if "ptx" in types else "unknown"
@@ -354,11 +447,12 @@ def _parse(path: Path, st: os.stat_result | None, raw_out: list[bytes]) -> Trito
         warp_size = _as_int(metadata.get("warp_size"))
     tv = metadata.get("triton_version")
     digest = metadata.get("hash")
-    name = metadata.get("name") if isinstance(metadata.get("name"), str) and metadata.get("name") else kernel_name
-    return TritonEntry(
-        key=path.name,
-        path=path,
-        name=name,
+    name = metadata.get("name")
+    listed = set(children)
+    orphans = [(n, files[n].st_size, files[n].st_mtime) for n in names if n not in listed and not n.startswith(GROUP_PREFIX)]
+    return EntryScan(
+        path=path_s,
+        name=name if isinstance(name, str) and name else kernel_name,
         backend=backend,
         arch=arch,
         warp_size=warp_size,
@@ -369,13 +463,15 @@ def _parse(path: Path, st: os.stat_result | None, raw_out: list[bytes]) -> Trito
         ptx_version=_as_int(metadata.get("ptx_version")),
         triton_version=str(tv) if tv is not None else None,
         hash=str(digest) if digest is not None else None,
-        files=tuple(entry_files),
-        group_file=path / group_name,
+        files=entry_files,
+        group_name=group_name,
         metadata=metadata,
+        raw=raw,
         total_size=size_all,
         modified=meta_st.st_mtime,
-        leftovers=tuple(sorted(leftovers)),
-        children=tuple(children),
+        leftovers=sorted(leftovers),
+        children=children,
+        orphans=orphans,
     )
 
 
