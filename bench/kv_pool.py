@@ -174,19 +174,26 @@ class Bench:
         pool.close()
         floor = _flock_pairs_per_s(self.tmp / "flock-probe", n)
         print(f"   (an flock lock+unlock pair alone: {floor:,.0f}/s; {os.cpu_count()} CPUs shared with other work)")
-        print(f"{'workload':>9} {'procs':>5} | {'pool':>12} | {'dict+copy':>12} | {'x':>5} | {'1->2 procs':>10}")
+        print(f"{'workload':>9} {'procs':>5} | {'pool ops/s':>11} {'per CPU-s':>10} | {'dict+copy':>11} | "
+              f"{'x':>5} | {'1->2: pool':>10} {'dict':>6}")  # fmt: skip
         for op in ("put+get", "get"):
-            single = 0.0
+            single = base_single = 0.0
             for nprocs in (1, 2):
-                rate = statistics.median(self._procs(name, n, "pool", op, nprocs) for _ in range(reps))
-                base = statistics.median(self._procs(name, n, "dict", op, nprocs) for _ in range(reps))
-                scale = f"{rate / single:9.2f}x" if nprocs == 2 else ""
-                single = rate
-                print(f"{op:>9} {nprocs:>5} | {rate:12,.0f} | {base:12,.0f} | {rate / base:5.2f} | {scale:>10}")
-        print("   x = pool / dict baseline; get-only takes the pool's shared lock, so readers can run at once")
+                runs = [self._procs(name, n, "pool", op, nprocs) for _ in range(reps)]
+                rate = statistics.median(r for r, _ in runs)
+                per_cpu = statistics.median(c for _, c in runs)
+                base = statistics.median(self._procs(name, n, "dict", op, nprocs)[0] for _ in range(reps))
+                scale = f"{rate / single:9.2f}x {base / base_single:5.2f}x" if nprocs == 2 else ""
+                single, base_single = rate, base
+                print(f"{op:>9} {nprocs:>5} | {rate:11,.0f} {per_cpu:10,.0f} | {base:11,.0f} | {rate / base:5.2f} | "
+                      f"{scale:>17}")  # fmt: skip
+        print("   x = pool / dict baseline; per CPU-s = ops per second of CPU the workers used (load-independent);")
+        print("   1->2 = throughput of two processes over one: the dict column is what this machine's free CPUs")
+        print("   allow; get-only takes the pool's shared lock, so readers run at once")
 
-    def _procs(self, name: str, n: int, mode: str, op: str, nprocs: int) -> float:
-        """ops/s of `nprocs` worker processes running together (from the go signal to the last finish)."""
+    def _procs(self, name: str, n: int, mode: str, op: str, nprocs: int) -> tuple[float, float]:
+        """(ops/s, ops per CPU-second) of `nprocs` worker processes running together (ops/s from
+        the go signal to the last finish)."""
         go = self.tmp / f"go-{uuid.uuid4().hex[:6]}"
         procs = [
             subprocess.Popen(
@@ -212,7 +219,8 @@ class Bench:
                     proc.kill()
         start = min(r["start"] for r in results)
         end = max(r["end"] for r in results)
-        return sum(r["ops"] for r in results) / (end - start)
+        ops = sum(r["ops"] for r in results)
+        return ops / (end - start), ops / sum(r["cpu"] for r in results)
 
     # ------------------------------------------------------------ allocator
     def allocator(self) -> None:
@@ -373,7 +381,7 @@ def _flock_pairs_per_s(path: Path, n: int) -> float:
 
 
 def _small_worker(name: str, wid: int, n: int, mode: str, go: str) -> None:
-    """`n` iterations on 1000 rotating keys of 1 KiB values; prints {"ops", "start", "end"}.
+    """`n` iterations on 1000 rotating keys of 1 KiB values; prints {"ops", "start", "end", "cpu"}.
 
     `mode` is "pool:put+get", "pool:get", "dict:put+get" or "dict:get": one iteration is a
     put then a get of the same key, or one get. Every key is put once before the timed loop
@@ -404,6 +412,7 @@ def _small_worker(name: str, wid: int, n: int, mode: str, go: str) -> None:
     while not os.path.exists(go):
         time.sleep(0.001)
     start = time.perf_counter()
+    cpu = time.process_time()
     if op == "get":
         for i in range(n):
             if get(keys[i % 1000]) is None:
@@ -418,9 +427,10 @@ def _small_worker(name: str, wid: int, n: int, mode: str, go: str) -> None:
                 raise RuntimeError(f"get {key} missed")
         ops = 2 * n
     end = time.perf_counter()
+    cpu = time.process_time() - cpu
     if store_kind == "pool":
         pool.close()
-    print(json.dumps({"ops": ops, "start": start, "end": end}), flush=True)
+    print(json.dumps({"ops": ops, "start": start, "end": end, "cpu": cpu}), flush=True)
 
 
 def main() -> int:

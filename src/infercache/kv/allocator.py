@@ -86,42 +86,55 @@ class Allocator:
         return self._h[A_FREE]
 
     # ---------------------------------------------------------------- lists
+    # (_mapping is inlined in _insert/_remove: they run 2-4 times per alloc or free, and
+    # Python call overhead, not memory, is what an operation costs at any pool size)
     def _insert(self, s: int, n: int) -> None:
-        fl, sl = _mapping(n)
+        if n < SL_COUNT:
+            fl, sl = 0, n
+        else:
+            b = n.bit_length() - 1
+            fl, sl = b - SL_LOG2 + 1, (n >> (b - SL_LOG2)) - SL_COUNT
         h = self._h
+        m = self._m
         slot = A_HEADS + fl * SL_COUNT + sl
         head = h[slot]
-        self._m[s * 4 + 2] = head
-        self._m[s * 4 + 3] = 0
+        t = s * 4
+        m[t] = n
+        m[t + 2] = head
+        m[t + 3] = 0
         if head:
-            self._m[(head - 1) * 4 + 3] = s + 1
+            m[(head - 1) * 4 + 3] = s + 1
         h[slot] = s + 1
         h[A_SL_BITMAPS + fl] |= 1 << sl
         h[A_FL_BITMAP] |= 1 << fl
-        self._m[s * 4] = n
-        self._m[(s + n - 1) * 4 + 1] = s + 1
+        m[(s + n - 1) * 4 + 1] = s + 1
 
     def _remove(self, s: int, n: int) -> None:
-        fl, sl = _mapping(n)
-        h = self._h
-        p = self._m[s * 4 + 3]
-        x = self._m[s * 4 + 2]
+        m = self._m
+        t = s * 4
+        p = m[t + 3]
+        x = m[t + 2]
         if p:
-            self._m[(p - 1) * 4 + 2] = x
+            m[(p - 1) * 4 + 2] = x
         else:
-            slot = A_HEADS + fl * SL_COUNT + sl
-            h[slot] = x
+            if n < SL_COUNT:
+                fl, sl = 0, n
+            else:
+                b = n.bit_length() - 1
+                fl, sl = b - SL_LOG2 + 1, (n >> (b - SL_LOG2)) - SL_COUNT
+            h = self._h
+            h[A_HEADS + fl * SL_COUNT + sl] = x
             if not x:
                 bits = h[A_SL_BITMAPS + fl] & ~(1 << sl)
                 h[A_SL_BITMAPS + fl] = bits
                 if not bits:
                     h[A_FL_BITMAP] &= ~(1 << fl)
         if x:
-            self._m[(x - 1) * 4 + 3] = p
-        self._m[s * 4] = 0
-        self._m[(s + n - 1) * 4 + 1] = 0
-        self._m[s * 4 + 2] = 0
-        self._m[s * 4 + 3] = 0
+            m[(x - 1) * 4 + 3] = p
+        m[t] = 0
+        m[t + 2] = 0
+        m[t + 3] = 0
+        m[(s + n - 1) * 4 + 1] = 0
 
     # ---------------------------------------------------------------- public
     def alloc(self, n: int) -> int:
@@ -140,9 +153,9 @@ class Allocator:
             flbits = h[A_FL_BITMAP] & (-1 << (fl + 1))
             if not flbits:
                 return self._fallback(n)
-            fl = _lowbit(flbits)
+            fl = (flbits & -flbits).bit_length() - 1
             bits = h[A_SL_BITMAPS + fl]
-        sl = _lowbit(bits)
+        sl = (bits & -bits).bit_length() - 1
         s = h[A_HEADS + fl * SL_COUNT + sl] - 1
         return self._take(s, n)
 
@@ -170,9 +183,10 @@ class Allocator:
         """Return blocks [s, s+n) (which the caller allocated), merging with free neighbours."""
         if n <= 0:
             return
+        m = self._m
         self._h[A_FREE] += n
         if s > 0:
-            left = self._m[(s - 1) * 4 + 1]
+            left = m[(s - 1) * 4 + 1]
             if left:
                 ls = left - 1
                 self._remove(ls, s - ls)
@@ -180,7 +194,7 @@ class Allocator:
                 s = ls
         e = s + n
         if e < self.n_blocks:
-            rn = self._m[e * 4]
+            rn = m[e * 4]
             if rn:
                 self._remove(e, rn)
                 n += rn
