@@ -157,7 +157,12 @@ class Allocator:
             bits = h[A_SL_BITMAPS + fl]
         sl = (bits & -bits).bit_length() - 1
         s = h[A_HEADS + fl * SL_COUNT + sl] - 1
-        return self._take(s, n)
+        length = self._m[s * 4]  # _take, inlined
+        self._remove(s, length)
+        if length > n:
+            self._insert(s + n, length - n)
+        h[A_FREE] -= n
+        return s
 
     def _take(self, s: int, n: int) -> int:
         length = self._m[s * 4]

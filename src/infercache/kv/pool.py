@@ -747,14 +747,18 @@ class Pool:
         self._free[top] = e
         self._hq[HDR_FREE_TOP] = top + 1
 
-    def _remove_locked(self, e: int) -> None:
-        """Unpublish a published entry and free its blocks and slot (_free_slot_locked inlined)."""
+    def _remove_locked(self, e: int, keep_blocks: bool = False) -> None:
+        """Unpublish a published entry and free its blocks and slot (_free_slot_locked inlined).
+
+        `keep_blocks`: the caller takes the blocks over (a small put replacing the value of the
+        same key in one exclusive section), so they skip a free and a re-allocation.
+        """
         tq = self._tq
         hq = self._hq
         w = e * ENTRY_WORDS
         self._index.remove(tq[w + E_HASH], e)
         nb = tq[w + E_NBLOCKS]
-        if nb:
+        if nb and not keep_blocks:
             self._alloc.free(tq[w + E_START], nb)
         hq[HDR_ENTRIES] -= 1
         hq[HDR_VALUE_BYTES] -= tq[w + E_SIZE]
@@ -978,17 +982,30 @@ class Pool:
         `inline` the caller publishes it in the same section and it stays FREE until then.
         """
         tq = self._tq
+        hq = self._hq
         pins = 0
+        start = -1
         old = self._find(kb, h)
         if old >= 0:  # replaced: the old value goes now, its pins carry over
-            pins = tq[old * ENTRY_WORDS + E_PINS]
-            self._remove_locked(old)
+            w = old * ENTRY_WORDS
+            pins = tq[w + E_PINS]
+            # Same block count, copied and published in this section: the new value takes the
+            # old one's blocks (unpublished first; nobody can read them until we publish).
+            keep = inline and nblocks and tq[w + E_NBLOCKS] == nblocks
+            if keep:
+                start = tq[w + E_START]
+            self._remove_locked(old, keep)
         if self._s3 and self._in_ghost_locked(h):
             flags |= F_S3_MAIN
-        e, start = self._make_room_locked(nblocks)
-        if e < 0:
-            return -1
-        hq = self._hq
+        if start >= 0:
+            e = self._pop_slot_locked()  # the old entry's slot, just freed
+        elif hq[HDR_FREE_TOP] and (not nblocks or (start := self._alloc.alloc(nblocks)) >= 0):
+            e = self._pop_slot_locked()  # the common case of _make_room_locked, without the call
+            start = max(start, 0)
+        else:
+            e, start = self._make_room_locked(nblocks)
+            if e < 0:
+                return -1
         tick = hq[HDR_CLOCK] + 1
         hq[HDR_CLOCK] = tick
         now = time.time()
