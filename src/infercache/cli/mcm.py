@@ -83,12 +83,12 @@ def list_command(
         records = query(catalog, flt)
     table = Table(header_style="bold")
     for col in ("Hash", "Name", "Hits", "Last Access", "Backend", "Arch", "Version", "Warps", "Total Size", "Dir"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col not in ("Name", "Dir"))
     for r in records:
         last = iso(r.last_access)
         table.add_row((r.hash or r.key)[:12], r.name, str(r.hits), last[:19].replace("T", " ") if last else "-",
                       r.backend, r.arch, r.triton_version or "-", str(r.num_warps or "-"),
-                      format_size(r.total_size), str(r.path))
+                      format_size(r.total_size), str(r.cache_root))
     console.print(table)
     console.print(k.footer(records), highlight=False)
 
