@@ -20,7 +20,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from infercache.errors import BadInputError
 from infercache.kernels.catalog import Catalog
@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 PROBLEM_KINDS = frozenset({"unparsable", "truncated", "unreadable", "symlink"})
 #: Entries written per transaction: short enough that other writers wait only briefly.
 BATCH = 500
+#: Entries to (re)read before worker processes pay off (a fork each, results shipped back).
+PARALLEL_MIN = 2000
+#: Entries per worker task: big enough to amortise the round trip, small enough to balance.
+CHUNK = 250
+#: Most parsing workers worth having: beyond this the single catalog writer is the bottleneck.
+MAX_WORKERS = 4
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -160,14 +166,19 @@ def index(
     mode: str = "auto",
     progress: ProgressCallback | None = None,
     rescan: bool = False,
+    workers: int | None = None,
 ) -> IndexSummary:
-    """Bring the catalog in line with the given cache dirs (or the defaults); incremental unless `rescan`."""
+    """Bring the catalog in line with the given cache dirs (or the defaults); incremental unless `rescan`.
+
+    `workers`: parsing processes for big scans (default: one per CPU, at most MAX_WORKERS;
+    1 = parse in this process). The catalog is only ever written by this process.
+    """
     # Scanning makes ~50 small acyclic objects per entry; the cyclic GC would re-walk them
     # over and over (~15% of a 10,000-entry index). Reference counting frees them anyway.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _index(catalog, cache_dirs, mode, progress, rescan)
+        return _index(catalog, cache_dirs, mode, progress, rescan, default_workers() if workers is None else workers)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -179,6 +190,7 @@ def _index(
     mode: str,
     progress: ProgressCallback | None,
     rescan: bool,
+    workers: int,
 ) -> IndexSummary:
     from infercache.kernels import discovery
 
@@ -207,7 +219,7 @@ def _index(
         progress(0, total)
     # 2. Per cache dir: compare signatures, parse what changed, write in batches.
     for tcd, children in jobs:
-        done = _index_dir(catalog, tcd, children, run, rescan, progress, done, total)
+        done = _index_dir(catalog, tcd, children, run, rescan, progress, done, total, workers)
     # 3. Artifacts, vanished cache dirs, roots.
     now = time.time()
     with catalog.transaction() as conn:
@@ -302,6 +314,15 @@ def _prepare(path: str, st: os.stat_result, info: "_CacheDirInfo", now: float) -
     return ("k", path, sig, entry_row(result, info, sig, now), result.files, extras)
 
 
+def default_workers() -> int:
+    """Parsing processes worth starting here: the CPUs this process may use, capped."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_WORKERS))
+
+
 def _index_dir(
     catalog: Catalog,
     tcd: Any,
@@ -311,6 +332,7 @@ def _index_dir(
     progress: ProgressCallback | None,
     done: int,
     total: int,
+    workers: int = 1,
 ) -> int:
     parent = str(tcd.path)
     info = _CacheDirInfo.of(tcd)
@@ -339,13 +361,19 @@ def _index_dir(
                 done += 1
                 continue
         todo.append((name, st))
+    # Path order: rows then land in the path-keyed indexes in order (fewer page splits).
+    todo.sort(key=lambda c: c[0])
     if progress:
         progress(done, total)
 
     now = time.time()
+    if workers > 1 and len(todo) >= PARALLEL_MIN and _can_fork():
+        prepared = _prepare_parallel(parent, todo, info, now, workers)
+    else:
+        prepared = (_prepare(os.path.join(parent, name), st, info, now) for name, st in todo)
     pending: list[Item] = []
-    for name, st in todo:
-        pending.append(_prepare(os.path.join(parent, name), st, info, now))
+    for item in prepared:
+        pending.append(item)
         if len(pending) >= BATCH:
             _write(catalog, info, pending, run, known_skips)
             done += len(pending)
@@ -369,13 +397,64 @@ def _index_dir(
     return done
 
 
+# --- parsing in worker processes -------------------------------------------------------------
+# Why processes: parsing (a dozen syscalls and two JSON files per entry) is most of a first
+# index and holds the GIL. Workers are forked, so they inherit the work list (no pickling of
+# inputs) and return plain rows as one `marshal` blob per chunk (several times cheaper than
+# pickling them). They never touch SQLite (a connection must not cross a fork): this process
+# stays the only writer, with the same batches, re-checks and counters as the serial path.
+
+_FORK_STATE: tuple[str, list[tuple[str, os.stat_result]], "_CacheDirInfo", float] | None = None
+
+
+def _can_fork() -> bool:
+    import multiprocessing
+
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def _prepare_range(bounds: tuple[int, int]) -> bytes:
+    """Worker: prepare todo[lo:hi] of the state inherited through fork."""
+    import marshal
+
+    assert _FORK_STATE is not None
+    parent, todo, info, now = _FORK_STATE
+    lo, hi = bounds
+    return marshal.dumps([_prepare(os.path.join(parent, name), st, info, now) for name, st in todo[lo:hi]])
+
+
+def _prepare_parallel(
+    parent: str, todo: list[tuple[str, os.stat_result]], info: "_CacheDirInfo", now: float, workers: int
+) -> Iterator[Item]:
+    """Prepared items in `todo` order, parsed by `workers` forked processes."""
+    import marshal
+    import multiprocessing
+    import warnings
+
+    global _FORK_STATE
+    ranges = [(lo, min(lo + CHUNK, len(todo))) for lo in range(0, len(todo), CHUNK)]
+    _FORK_STATE = (parent, todo, info, now)
+    try:
+        with warnings.catch_warnings():
+            # Python 3.12+ warns about fork in a threaded process (a progress bar's thread):
+            # the children only parse files and exit; they take no lock a thread could hold.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pool = multiprocessing.get_context("fork").Pool(min(workers, len(ranges)))
+    finally:
+        _FORK_STATE = None
+    with pool:
+        for blob in pool.imap(_prepare_range, ranges):
+            yield from marshal.loads(blob)
+
+
 _ENTRY_COLUMNS = (
     "path, parent, key, cache_root, mode, name, backend, arch, warp_size, num_warps, num_stages, num_ctas, "
     "shared, maxnreg, ptx_version, enable_fp_fusion, triton_version, hash, total_size, modified, files_json, "
     "group_file, dedup_key, vllm_hash, vllm_rank, vllm_prefix, signature, indexed_at, metadata"
 )
+_INSERT = f"INSERT INTO entries(id, {_ENTRY_COLUMNS}) VALUES ({','.join('?' * 30)})"
 _UPSERT = (
-    f"INSERT INTO entries(id, {_ENTRY_COLUMNS}) VALUES ({','.join('?' * 30)}) ON CONFLICT(path) DO UPDATE SET "
+    _INSERT + " ON CONFLICT(path) DO UPDATE SET "
     + ", ".join(f"{c.strip()} = excluded.{c.strip()}" for c in _ENTRY_COLUMNS.split(",")[1:])
 )
 
@@ -462,7 +541,8 @@ def _write(
                 )
             )
         next_id = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM entries").fetchone()[0]
-        rows = []
+        inserts = []
+        updates = []
         files = []
         extras = []
         clear = []
@@ -472,19 +552,24 @@ def _write(
                 entry_id = next_id
                 next_id += 1
                 run.new += 1
+                inserts.append((entry_id, *row))
+                if path in had_skip:
+                    clear.append((path, path))
             else:
                 run.updated += 1
-            if path in existing or path in had_skip:
+                updates.append((entry_id, *row))
                 clear.append((path, path))
-            rows.append((entry_id, *row))
-            files.extend((entry_id, name, ftype, size) for name, ftype, size in entry_files)
+            files += [(entry_id, name, ftype, size) for name, ftype, size in entry_files]
             if entry_extras:
                 extras.extend(entry_extras)
         if existing:
             conn.executemany("DELETE FROM files WHERE entry_id = ?", [(i,) for i in existing.values()])
         if clear:
             conn.executemany("DELETE FROM skipped WHERE path = ? OR owner = ?", clear)
-        conn.executemany(_UPSERT, rows)
+        if inserts:
+            conn.executemany(_INSERT, inserts)
+        if updates:
+            conn.executemany(_UPSERT, updates)
         conn.executemany("INSERT INTO files(entry_id, name, type, size) VALUES (?, ?, ?, ?)", files)
         if extras:
             conn.executemany(
