@@ -7,7 +7,6 @@ each test that changes it gets its own copy.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest

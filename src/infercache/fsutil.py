@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> None:
-    """Write to a temp file beside `path`, fsync, then rename: readers see old or new, never half."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], mode: int | None = None, fsync: bool = True) -> Iterator[BinaryIO]:
+    """A binary file that appears at `path` only when the block ends without error.
+
+    Written under a temp name beside `path` (same filesystem), fsynced, chmod'ed (`mode`, else
+    the old file's mode, else the umask default) and renamed: readers see the old content or
+    the new, never half; any exception removes the temp file and leaves `path` untouched.
+    """
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if fsync:
+                os.fsync(handle.fileno())
         if mode is not None:
             os.chmod(tmp, mode)
         elif target.exists():
             os.chmod(tmp, target.stat().st_mode & 0o7777)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     except BaseException:
         try:
@@ -29,6 +41,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | No
         except FileNotFoundError:
             pass
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> None:
+    """Write `data` to `path` atomically (see :func:`atomic_file`)."""
+    with atomic_file(path, mode) as handle:
+        handle.write(data)
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, mode: int | None = None) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from infercache.errors import BadInputError, InfercacheError
-from infercache.fsutil import atomic_write_bytes
+from infercache.fsutil import atomic_file, atomic_write_bytes
 from infercache.vault.image import (
     INDEX_TYPES,
     MAX_DOCUMENT_BYTES,
@@ -213,27 +213,17 @@ class OciLayoutDestination:
 
     def put_blob(self, descriptor: Descriptor, stream: BinaryIO) -> None:
         final = self._blob_path(descriptor.digest)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=final.parent)
-        try:
-            reader = VerifyingReader(stream, descriptor)
-            with os.fdopen(fd, "wb") as out:
-                while True:
-                    chunk = reader.read(_COPY_CHUNK)
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                reader.verify_to_end()
-            os.chmod(tmp, 0o644)
-            existed = final.exists()
-            os.replace(tmp, final)
-            if not existed:
-                self._new_blobs.append(final)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        existed = final.exists()
+        reader = VerifyingReader(stream, descriptor)
+        with atomic_file(final, mode=0o644, fsync=False) as out:
+            while True:
+                chunk = reader.read(_COPY_CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)
+            reader.verify_to_end()
+        if not existed:
+            self._new_blobs.append(final)
 
     def spool_dir(self) -> Path:
         """Where a writer may build a blob that :meth:`adopt_blob` then takes by rename."""
@@ -307,9 +297,8 @@ class OciLayoutDestination:
 
 def _write_tar_of_dir(root: Path, target: Path) -> None:
     """Tar `root`'s contents (sorted, fixed owners and times) into `target` via temp + rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with atomic_file(target, mode=0o644, fsync=False) as out:
+        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for dirpath, dirnames, filenames in os.walk(root):
                 dirnames.sort()
                 rel_dir = os.path.relpath(dirpath, root)
@@ -329,11 +318,3 @@ def _write_tar_of_dir(root: Path, target: Path) -> None:
                     info.mode = 0o644
                     with open(full, "rb") as handle:
                         tar.addfile(info, handle)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
