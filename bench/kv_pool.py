@@ -45,8 +45,9 @@ def _gbps(nbytes: int, seconds: float) -> float:
 
 
 class Bench:
-    def __init__(self, quick: bool) -> None:
+    def __init__(self, quick: bool, sparse_dir: str = "/tmp") -> None:
         self.quick = quick
+        self.sparse_parent = sparse_dir
         self.tmp = Path(tempfile.mkdtemp(prefix="kvbench-"))
         self.data_dir = self.tmp / "data"
         self.data_dir.mkdir()
@@ -239,7 +240,7 @@ class Bench:
         print(f"\n== allocator: alloc+free pairs/s at 90% fill ({pairs} pairs of 1-128 blocks per round, "
               f"median of {rounds} rounds, 4 KiB blocks)")  # fmt: skip
         print("   baseline: first-fit scan of a block bitmap (the replaced tool's method), numpy-vectorised")
-        sparse_dir = Path(tempfile.mkdtemp(prefix="kvbench-sparse-", dir="/tmp"))
+        sparse_dir = Path(tempfile.mkdtemp(prefix="kvbench-sparse-", dir=self.sparse_parent))
         pools: dict[str, Any] = {}
         states: dict[str, tuple[Any, list[int], list[int]]] = {}
         fill_s: dict[str, float] = {}
@@ -438,6 +439,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--only", choices=("bandwidth", "small", "allocator"), action="append",
                         help="run only this section (repeatable)")  # fmt: skip
+    parser.add_argument("--sparse-dir", default="/tmp",
+                        help="where the allocator section's sparse pool files go (default /tmp)")  # fmt: skip
     parser.add_argument("--small-worker", nargs=5, metavar=("POOL", "ID", "N", "MODE", "GOFILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.small_worker:
@@ -446,7 +449,7 @@ def main() -> int:
         return 0
     quick = args.quick or os.environ.get("INFERCACHE_BENCH_QUICK") == "1"
     sections = args.only or ["bandwidth", "small", "allocator"]
-    bench = Bench(quick)
+    bench = Bench(quick, args.sparse_dir)
     print(f"kv pool bench ({'quick' if quick else 'full'}); {os.cpu_count()} CPUs; numpy {np.__version__}")
     try:
         if "bandwidth" in sections:

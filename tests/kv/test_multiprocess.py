@@ -287,3 +287,50 @@ def test_pool_created_by_cli_is_used_by_other_processes(pool_name: str, tmp_path
     assert status["policy"] == "lfu"
     assert status["used_bytes"] >= sum(len(v) for v in values.values())
     assert status["hits"] >= 5 and status["misses"] >= 1  # counters live in the pool, not in one process
+
+
+_REPLACER = """
+import sys
+from infercache.kv import Pool
+
+pool = Pool.open(sys.argv[1])
+print("ready", flush=True)
+i = 0
+while True:
+    i += 1
+    fill = bytes([i % 251])
+    pool.put("hot", fill * 3000)  # the same block count every time: slot and blocks are taken over
+    pool.put(f"cold-{i % 50}", fill * (1000 + i % 7))  # one or two blocks: taken over or reallocated
+"""
+
+
+def test_sigkill_during_replacements_leaves_consistent_pool(pool_name: str, data_dir: Path) -> None:
+    """A writer replacing small values in a loop (the in-place fast path of a put) is SIGKILLed six
+    times at random moments: each time `check` is clean, every value present is one whole version,
+    and this process keeps using the pool."""
+    from infercache.kv import Pool
+
+    pool = Pool.create(pool_name, size="4M", data_dir=data_dir)
+    rng = random.Random(7)
+    try:
+        for _ in range(6):
+            proc = subprocess.Popen([sys.executable, "-c", _REPLACER, pool_name], cwd=REPO, stdout=subprocess.PIPE,
+                                    text=True, env=os.environ.copy())  # fmt: skip
+            try:
+                assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+                time.sleep(rng.uniform(0.05, 0.3))
+                os.kill(proc.pid, signal.SIGKILL)
+                assert proc.wait(timeout=WORKER_TIMEOUT) == -signal.SIGKILL
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            report = pool.check()
+            assert report.ok, report.problems
+            hot = pool.get("hot")
+            assert hot is None or (len(hot) == 3000 and len(set(hot)) == 1)
+            for j in range(50):
+                value = pool.get(f"cold-{j}")
+                assert value is None or (1000 <= len(value) <= 1006 and len(set(value)) == 1)
+            assert pool.put("hot", b"p" * 3000) and pool.get("hot") == b"p" * 3000
+    finally:
+        pool.close()

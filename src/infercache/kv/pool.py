@@ -747,18 +747,14 @@ class Pool:
         self._free[top] = e
         self._hq[HDR_FREE_TOP] = top + 1
 
-    def _remove_locked(self, e: int, keep_blocks: bool = False) -> None:
-        """Unpublish a published entry and free its blocks and slot (_free_slot_locked inlined).
-
-        `keep_blocks`: the caller takes the blocks over (a small put replacing the value of the
-        same key in one exclusive section), so they skip a free and a re-allocation.
-        """
+    def _remove_locked(self, e: int) -> None:
+        """Unpublish a published entry and free its blocks and slot (_free_slot_locked inlined)."""
         tq = self._tq
         hq = self._hq
         w = e * ENTRY_WORDS
         self._index.remove(tq[w + E_HASH], e)
         nb = tq[w + E_NBLOCKS]
-        if nb and not keep_blocks:
+        if nb:
             self._alloc.free(tq[w + E_START], nb)
         hq[HDR_ENTRIES] -= 1
         hq[HDR_VALUE_BYTES] -= tq[w + E_SIZE]
@@ -940,7 +936,7 @@ class Pool:
         the header dirty and the rebuild drops the unpublished slot).
         """
         inline = size <= SMALL_COPY
-        e = self._reserve_locked(kb, h, flags, size, nblocks, priority, expiry, prefix_hash, check, inline)
+        e, indexed = self._reserve_locked(kb, h, flags, size, nblocks, priority, expiry, prefix_hash, check, inline)
         if e < 0:
             return _FAILED, 0
         if inline:
@@ -951,7 +947,8 @@ class Pool:
                 self._mm[off : off + size] = src  # data first ...
             tq = self._tq
             w = e * ENTRY_WORDS
-            self._index.insert(h, e)
+            if not indexed:
+                self._index.insert(h, e)
             tq[w + E_STATE] = (tq[w + E_STATE] >> 8) << 8 | ST_PUBLISHED  # ... published last
             hq = self._hq
             hq[HDR_ENTRIES] += 1
@@ -975,8 +972,9 @@ class Pool:
     def _reserve_locked(
         self, kb: bytes, h: int, flags: int, size: int, nblocks: int, priority: int, expiry: float,
         prefix_hash: int, check: int, inline: bool = False,
-    ) -> int:  # fmt: skip
-        """Write a new record for the key (dropping its old value); the slot, or -1 when it cannot fit.
+    ) -> tuple[int, bool]:  # fmt: skip
+        """Write a new record for the key (dropping its old value): (slot, whether the key index
+        already points at it), or (-1, False) when it cannot fit.
 
         The record is left WRITING (tagged with this pid) for a copy outside the lock; with
         `inline` the caller publishes it in the same section and it stays FREE until then.
@@ -984,28 +982,35 @@ class Pool:
         tq = self._tq
         hq = self._hq
         pins = 0
-        start = -1
+        e = start = -1
+        indexed = False
         old = self._find(kb, h)
         if old >= 0:  # replaced: the old value goes now, its pins carry over
             w = old * ENTRY_WORDS
             pins = tq[w + E_PINS]
-            # Same block count, copied and published in this section: the new value takes the
-            # old one's blocks (unpublished first; nobody can read them until we publish).
-            keep = inline and nblocks and tq[w + E_NBLOCKS] == nblocks
-            if keep:
-                start = tq[w + E_START]
-            self._remove_locked(old, keep)
+            if inline and nblocks and tq[w + E_NBLOCKS] == nblocks:
+                # Same block count, copied and published in this one section: the new value
+                # takes over the old one's slot, blocks and index position (same key, same
+                # hash). The old record is unpublished first; nobody can read the slot until
+                # we publish, and a crash in between leaves the header dirty, so the rebuild
+                # frees the slot and blocks and drops the index position.
+                e, start, indexed = old, tq[w + E_START], True
+                tq[w + E_STATE] = (((tq[w + E_STATE] >> 8) + 1) & ((1 << 56) - 1)) << 8 | ST_FREE
+                hq[HDR_ENTRIES] -= 1
+                hq[HDR_VALUE_BYTES] -= tq[w + E_SIZE]
+            else:
+                self._remove_locked(old)
         if self._s3 and self._in_ghost_locked(h):
             flags |= F_S3_MAIN
-        if start >= 0:
-            e = self._pop_slot_locked()  # the old entry's slot, just freed
+        if indexed:
+            pass
         elif hq[HDR_FREE_TOP] and (not nblocks or (start := self._alloc.alloc(nblocks)) >= 0):
             e = self._pop_slot_locked()  # the common case of _make_room_locked, without the call
             start = max(start, 0)
         else:
             e, start = self._make_room_locked(nblocks)
             if e < 0:
-                return -1
+                return -1, False
         tick = hq[HDR_CLOCK] + 1
         hq[HDR_CLOCK] = tick
         now = time.time()
@@ -1020,7 +1025,7 @@ class Pool:
         if not inline:
             w = e * ENTRY_WORDS
             tq[w + E_STATE] = (tq[w + E_STATE] >> 8) << 8 | ST_WRITING  # last: the record is complete
-        return e
+        return e, indexed
 
     def _publish_locked(self, e: int, kb: bytes, h: int) -> None:
         tq = self._tq
