@@ -7,6 +7,12 @@ stat (inode, mtime, size) changes whenever its content does: one `lstat` per
 entry decides whether it must be parsed again. Rows whose directories vanished
 are removed. Parsing happens outside the write transaction and rows are
 written in batches, so a concurrent `index` or `prune` only waits briefly.
+
+Why so much care for the first index: it parses everything (a dozen syscalls and
+two JSON files per entry) and writes ~10 rows per entry. Parsing returns plain
+tuples (no dataclasses or Path objects), rows go in sorted by path with one
+`executemany` per table and batch, and a big scan is parsed by forked worker
+processes while this process writes (see `_prepare_parallel`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ PROBLEM_KINDS = frozenset({"unparsable", "truncated", "unreadable", "symlink"})
 #: Entries written per transaction: short enough that other writers wait only briefly.
 BATCH = 500
 #: Entries to (re)read before worker processes pay off (a fork each, results shipped back).
-PARALLEL_MIN = 2000
+PARALLEL_MIN = 1000
 #: Entries per worker task: big enough to amortise the round trip, small enough to balance.
 CHUNK = 250
 #: Most parsing workers worth having: beyond this the single catalog writer is the bottleneck.
@@ -288,9 +294,8 @@ def _list_children(path: Path) -> list[tuple[str, os.stat_result]]:
 
 
 # A prepared item is what the catalog writer needs, made of plain values:
-#   ("k", path, sig, entry_row, [(name, type, size)], [skipped-row extras])   a kernel
+#   ("k", path, sig, entry_row, [(name, type, size)], [skipped-row extras] | None)   a kernel
 #   ("s", path, sig, kind, reason, size, mtime)                               not a kernel
-# (Parsing in worker processes was tried: no faster on a loaded 2-core machine, so it stays serial.)
 Item = tuple
 
 
@@ -413,6 +418,13 @@ def _can_fork() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
 
 
+def _worker_init() -> None:
+    """Ctrl-C is this process's to handle: it stops the pool (workers would only add tracebacks)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _prepare_range(bounds: tuple[int, int]) -> bytes:
     """Worker: prepare todo[lo:hi] of the state inherited through fork."""
     import marshal
@@ -439,7 +451,7 @@ def _prepare_parallel(
             # Python 3.12+ warns about fork in a threaded process (a progress bar's thread):
             # the children only parse files and exit; they take no lock a thread could hold.
             warnings.simplefilter("ignore", DeprecationWarning)
-            pool = multiprocessing.get_context("fork").Pool(min(workers, len(ranges)))
+            pool = multiprocessing.get_context("fork").Pool(min(workers, len(ranges)), initializer=_worker_init)
     finally:
         _FORK_STATE = None
     with pool:

@@ -1,0 +1,110 @@
+"""Parsing in worker processes (big first-time indexes) writes exactly what serial indexing writes."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infercache.kernels import indexer
+from infercache.kernels.catalog import Catalog
+from infercache.kernels.replicate import replicate_entry
+from tests.kernels.kutil import SAMPLE_ENTRIES, entries
+
+
+def _mixed_cache(triton_cache: Path, tmp_path: Path) -> tuple[Path, list[Path]]:
+    """Real entries (originals + 3 replicas each) plus every kind of bad or foreign content."""
+    originals = entries(triton_cache)
+    for i in range(3):
+        for e in originals:
+            replicate_entry(e.path, triton_cache, f"par{i}", link=True)
+    es = originals
+    (es[0].path / f"{es[0].name}.json").write_text("{not json")
+    binary = next(f for f in es[1].files if f.type in ("cubin", "hsaco"))
+    (es[1].path / binary.name).unlink()
+    (triton_cache / ("L" * 52)).symlink_to(triton_cache / ("L" * 52))  # loop
+    outside = tmp_path / "outside-entry"
+    shutil.copytree(es[2].path, outside)
+    (triton_cache / ("O" * 52)).symlink_to(outside)
+    (triton_cache / "tmp.pid_1_abc").mkdir()
+    launcher = triton_cache / ("f" * 64)
+    launcher.mkdir()
+    (launcher / "__triton_launcher.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+    (es[3].path / "stray.bin").write_bytes(b"x" * 10)  # orphan inside an entry
+    (es[4].path / "tmp.pid_7_x").mkdir()  # leftover inside an entry
+    (es[4].path / "tmp.pid_7_x" / "half").write_bytes(b"y" * 3)
+    return triton_cache, [es[0].path, es[1].path]
+
+
+def _dump(cat: Catalog) -> dict[str, Any]:
+    conn = cat.conn
+    cols = [r[1] for r in conn.execute("PRAGMA table_info(entries)") if r[1] not in ("indexed_at",)]
+    return {
+        "entries": sorted(tuple(r) for r in conn.execute(f"SELECT {', '.join(cols)} FROM entries")),
+        "files": sorted(
+            tuple(r) for r in conn.execute(
+                "SELECT e.path, f.name, f.type, f.size FROM files f JOIN entries e ON e.id = f.entry_id"
+            )
+        ),
+        "skipped": sorted(tuple(r) for r in conn.execute("SELECT * FROM skipped")),
+    }
+
+
+def test_parallel_index_matches_serial(triton_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    cache, bad = _mixed_cache(triton_cache, tmp_path)
+    monkeypatch.setattr(indexer, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(indexer, "CHUNK", 7)  # many chunks, several per worker
+    monkeypatch.setattr(indexer, "BATCH", 20)  # writes interleave with chunks arriving
+    used: list[int] = []
+    real = indexer._prepare_parallel
+
+    def spy(*args: Any) -> Any:
+        used.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(indexer, "_prepare_parallel", spy)
+    with Catalog(tmp_path / "serial.db") as cat:
+        serial = indexer.index(cat, [cache], mode="triton", workers=1)
+        serial_rows = _dump(cat)
+    assert used == []
+    progress: list[tuple[int, int]] = []
+    with caplog.at_level(logging.WARNING), Catalog(tmp_path / "parallel.db") as cat:
+        par = indexer.index(cat, [cache], mode="triton", workers=3, progress=lambda d, t: progress.append((d, t)))
+        par_rows = _dump(cat)
+    assert used == [3]
+    assert par.new == serial.new == 4 * SAMPLE_ENTRIES - 2
+    assert par.skipped == serial.skipped == {"unparsable": 1, "truncated": 1, "symlink": 2, "garbage": 1,
+                                             "launcher": 1}
+    assert sorted((p.path, p.kind) for p in par.problems) == sorted((p.path, p.kind) for p in serial.problems)
+    assert (par.entries, par.total_size) == (serial.entries, serial.total_size)
+    # Warnings come from this process (the workers only parse; caplog sees this process only).
+    assert all(str(p) in caplog.text for p in bad)
+    assert {p.path for p in par.problems} >= set(bad)
+    assert par_rows == serial_rows
+    kinds = {r[3] for r in par_rows["skipped"]}
+    assert {"orphan", "garbage"} <= kinds
+    # Progress moves forward only and ends complete.
+    assert progress[-1][0] == progress[-1][1] == len(list(cache.iterdir()))
+    assert [d for d, _ in progress] == sorted(d for d, _ in progress)
+
+
+def test_parallel_rescan_updates_in_place(triton_cache: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forced rescan through workers updates rows (same ids), and the next run is all unchanged."""
+    monkeypatch.setattr(indexer, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(indexer, "CHUNK", 5)
+    with Catalog(tmp_path / "c.db") as cat:
+        first = indexer.index(cat, [triton_cache], mode="triton", workers=2)
+        ids = dict(cat.conn.execute("SELECT path, id FROM entries").fetchall())
+        again = indexer.index(cat, [triton_cache], mode="triton", workers=2, rescan=True)
+        assert (first.new, again.new, again.updated) == (SAMPLE_ENTRIES, 0, SAMPLE_ENTRIES)
+        assert dict(cat.conn.execute("SELECT path, id FROM entries").fetchall()) == ids
+        assert cat.conn.execute("SELECT count(*) FROM files").fetchone()[0] == sum(
+            len(e.files) for e in entries(triton_cache)
+        )
+        third = indexer.index(cat, [triton_cache], mode="triton", workers=2)
+        assert third.unchanged == SAMPLE_ENTRIES and third.new == third.updated == 0
