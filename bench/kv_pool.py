@@ -183,7 +183,8 @@ class Bench:
                 runs = [self._procs(name, n, "pool", op, nprocs) for _ in range(reps)]
                 rate = statistics.median(r for r, _ in runs)
                 per_cpu = statistics.median(c for _, c in runs)
-                base = statistics.median(self._procs(name, n, "dict", op, nprocs)[0] for _ in range(reps))
+                # the dict runs 10x the iterations: 20000 of them take ~10 ms, too short to time
+                base = statistics.median(self._procs(name, 10 * n, "dict", op, nprocs)[0] for _ in range(reps))
                 scale = f"{rate / single:9.2f}x {base / base_single:5.2f}x" if nprocs == 2 else ""
                 single, base_single = rate, base
                 print(f"{op:>9} {nprocs:>5} | {rate:11,.0f} {per_cpu:10,.0f} | {base:11,.0f} | {rate / base:5.2f} | "

@@ -947,11 +947,11 @@ class Pool:
                 self._mm[off : off + size] = src  # data first ...
             tq = self._tq
             w = e * ENTRY_WORDS
+            hq = self._hq
             if not indexed:
                 self._index.insert(h, e)
+                hq[HDR_ENTRIES] += 1
             tq[w + E_STATE] = (tq[w + E_STATE] >> 8) << 8 | ST_PUBLISHED  # ... published last
-            hq = self._hq
-            hq[HDR_ENTRIES] += 1
             hq[HDR_VALUE_BYTES] += size
             hq[HDR_PUTS] += 1
             hq[HDR_BYTES_IN] += size
@@ -994,9 +994,9 @@ class Pool:
                 # hash). The old record is unpublished first; nobody can read the slot until
                 # we publish, and a crash in between leaves the header dirty, so the rebuild
                 # frees the slot and blocks and drops the index position.
+                # (The entry count and the key bytes stay as they are: same key, one entry.)
                 e, start, indexed = old, tq[w + E_START], True
                 tq[w + E_STATE] = (((tq[w + E_STATE] >> 8) + 1) & ((1 << 56) - 1)) << 8 | ST_FREE
-                hq[HDR_ENTRIES] -= 1
                 hq[HDR_VALUE_BYTES] -= tq[w + E_SIZE]
             else:
                 self._remove_locked(old)
@@ -1020,8 +1020,9 @@ class Pool:
             self._mm, rec + 8, h, start, nblocks, size, klen << 32 | check, now, now, expiry, 0, priority, pins,
             flags if inline else self._pid << 32 | flags, prefix_hash, tick, tick,
         )  # fmt: skip
-        base = self._data_off + start * self.block_size if flags & F_KEY_IN_DATA else rec + KEY_OFFSET
-        self._mm[base : base + klen] = kb
+        if not indexed:
+            base = self._data_off + start * self.block_size if flags & F_KEY_IN_DATA else rec + KEY_OFFSET
+            self._mm[base : base + klen] = kb
         if not inline:
             w = e * ENTRY_WORDS
             tq[w + E_STATE] = (tq[w + E_STATE] >> 8) << 8 | ST_WRITING  # last: the record is complete
