@@ -499,7 +499,7 @@ def entry_row(entry: EntryScan, tcd: "_CacheDirInfo", sig: str, now: float) -> t
         entry.hash,
         entry.total_size,
         entry.modified,
-        json.dumps(entry.files_by_type()),
+        entry.files_by_type_json(),
         os.path.join(path, entry.group_name),
         dedup_key(entry.name, entry.raw, md, entry.hash),
         vllm.hash if vllm else None,

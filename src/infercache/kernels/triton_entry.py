@@ -119,8 +119,8 @@ def group_children(group_json: Mapping[str, Any]) -> list[str]:
     remote cache manager write ``{"child_paths": [name, ...]}``. Names only are returned
     (the location is always the entry directory itself).
     """
-    children = group_json.get("child_paths") if isinstance(group_json, abc.Mapping) else None
-    if isinstance(children, abc.Mapping):
+    children = group_json.get("child_paths") if isinstance(group_json, (dict, abc.Mapping)) else None
+    if isinstance(children, (dict, abc.Mapping)):
         names = [str(k) for k in children.keys()]
     elif isinstance(children, (list, tuple)):
         names = [os.path.basename(str(c)) for c in children]
@@ -164,6 +164,8 @@ def _file_type(filename: str, kernel_name: str | None) -> str:
 
 
 def _as_int(value: Any) -> int | None:
+    if type(value) is int:  # the common case first (bool is not `int` here)
+        return value
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
@@ -295,6 +297,16 @@ class EntryScan(NamedTuple):
         for _name, ftype, size in self.files:
             out[ftype] = out.get(ftype, 0) + size
         return out
+
+    def files_by_type_json(self) -> str:
+        """`json.dumps(self.files_by_type())`, built directly when every type is a plain word.
+
+        Why: json.dumps builds a new encoder per call, a tenth of an entry's indexing time.
+        """
+        by_type = self.files_by_type()
+        if all(t.isalnum() and t.isascii() for t in by_type):
+            return "{" + ", ".join(f'"{t}": {n}' for t, n in by_type.items()) + "}"
+        return json.dumps(by_type)
 
     def to_entry(self) -> TritonEntry:
         path = Path(self.path)
@@ -428,7 +440,7 @@ def _classify(
         group_json = _loads(_read_bytes(prefix + group_name, dfd, files[group_name].st_size))
     except (ValueError, UnicodeDecodeError) as exc:
         return NotAKernel(Path(path_s), "unparsable", f"corrupt group file {group_name}: {exc}", size_all)
-    if not isinstance(group_json, abc.Mapping) or "child_paths" not in group_json:
+    if not isinstance(group_json, (dict, abc.Mapping)) or "child_paths" not in group_json:
         return NotAKernel(Path(path_s), "unparsable", f"group file {group_name} has no child_paths", size_all)
     children = group_children(group_json)
     if links:
@@ -450,11 +462,11 @@ def _classify(
         metadata = _loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         return NotAKernel(Path(path_s), "unparsable", f"corrupt metadata {meta_name}: {exc}", size_all)
-    if not isinstance(metadata, abc.Mapping):
+    if not isinstance(metadata, (dict, abc.Mapping)):
         return NotAKernel(Path(path_s), "unparsable", f"metadata {meta_name} is not a JSON object", size_all)
 
     target = metadata.get("target")
-    if not isinstance(target, abc.Mapping):
+    if not isinstance(target, (dict, abc.Mapping)):
         target = {}
     prefix = kernel_name + "."
     prefix_len = len(prefix)
