@@ -154,22 +154,24 @@ class StagingState:
     def ensure_dirs(self, parts: tuple[str, ...]) -> str:
         current = self.root
         rel = ""
-        for part in parts:
+        for depth, part in enumerate(parts):
             parent = rel
             current = current + "/" + part
             rel = rel + "/" + part if rel else part
             if rel in self._dirs:
                 continue
             if parent in self._created and rel not in self._made:
-                # Nothing can be there: its parent is ours and fresh. Made on the writer's
-                # threads when there are any (file creations in it wait for it there).
-                if self.writer is not None and self.writer.parallel:
-                    self.writer.mkdir(rel, parent, current)
+                # Nothing can be there: its parent is ours and fresh. Below the top level it is
+                # made by the writer thread that owns its subtree (files in it are queued after it).
+                if depth and self.writer is not None and self.writer.parallel:
+                    self.writer.mkdir(rel, current)
                 else:
                     os.mkdir(current, 0o755)
                 self._dirs.add(rel)
                 self._created.add(rel)
                 continue
+            if self.writer is not None:
+                self.writer.flush()  # what is at this path may still be queued: look once it landed
             try:
                 st = os.lstat(current)
             except FileNotFoundError:
@@ -201,113 +203,184 @@ class StagingState:
 Rewrite = Callable[[bytes], bytes]
 
 
-def _create_file(target: str, data: bytes, rel: str, after: Any = None, rewrite: Rewrite | None = None) -> ExtractedFile:
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _create_file(target: str, data: bytes, rel: str, rewrite: Rewrite | None = None) -> ExtractedFile:
     """Create a new file (never through a link) holding `data`; returns the size and sha256 of `data`.
 
-    `after`: the future of the job making its directory (submitted earlier, so already running).
     `rewrite`: what to write instead (e.g. a group file pointed at its final place); the
     returned size and hash stay those of the layer's bytes, which the manifest describes.
+    Bare os.open/os.write: a buffered file object adds fstat/ioctl/lseek calls per file.
     """
-    if after is not None:
-        after.result()
     result = ExtractedFile(len(data), hashlib.sha256(data).hexdigest())
     if rewrite is not None:
         data = rewrite(data)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(target, flags, 0o644)
+        fd = os.open(target, _CREATE_FLAGS, 0o644)
     except OSError as exc:
         if exc.errno in (errno.EEXIST, errno.ELOOP):
             raise UnsafeImageError(f"entry {rel} collides with a link") from None
         raise
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
     return result
 
 
-def _make_dir(path: str, after: Any = None) -> None:
-    if after is not None:
-        after.result()
-    os.mkdir(path, 0o755)
+class _Worker:
+    """One writer thread and its queue of job batches (None = stop)."""
+
+    def __init__(self, owner: "_FileWriter", index: int) -> None:
+        import queue
+        import threading
+
+        self.queue: "queue.SimpleQueue[list[tuple[Any, ...]] | None]" = queue.SimpleQueue()
+        self.results: dict[str, ExtractedFile] = {}
+        self.batch: list[tuple[Any, ...]] = []
+        self.batch_bytes = 0
+        self._owner = owner
+        self.thread = threading.Thread(target=self._run, name=f"infercache-unpack-{index}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        owner = self._owner
+        results = self.results
+        while True:
+            batch = self.queue.get()
+            if batch is None:
+                return
+            done = 0
+            for job in batch:
+                if owner.error is None:  # after a failure the rest is dropped, not written
+                    try:
+                        if job[0] is None:
+                            os.mkdir(job[1], 0o755)
+                        else:
+                            results[job[0]] = _create_file(job[1], job[2], job[0], job[3])
+                    except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                        owner.fail(exc)
+                if job[0] is not None:
+                    done += len(job[2])
+            owner.retire(done, len(batch))
 
 
 class _FileWriter:
-    """Writes small files on a few threads while the tar stream is read on the caller's thread.
+    """Creates small files on a few threads while the tar stream is read on the caller's thread.
 
-    Unpacking a cache is thousands of small files: the time goes to file creation (syscall
-    and journal latency, GIL released), not to Python; `tar -x` does them one by one. The
-    caller flushes before anything that depends on earlier files (links, duplicate paths)
-    and in-flight data is bounded.
+    Unpacking a cache is thousands of small files: the time goes to file creation (kernel
+    time, GIL released) and hashing (GIL released), not to Python; `tar -x` does them one
+    by one. Each entry directory's subtree belongs to one thread (its mkdir, then its files,
+    in order), so threads never contend for one directory's lock and no job waits on
+    another thread's. Jobs go in batches (one queue hand-off per ~1 MiB, not per file);
+    in-flight bytes are bounded; the caller flushes before anything that depends on
+    earlier files (links, duplicate paths, lstat checks).
     """
 
-    def __init__(self, threads: int, max_bytes: int = 32 << 20) -> None:
-        from concurrent.futures import ThreadPoolExecutor
+    _BATCH_BYTES = 1 << 20
+    _BATCH_JOBS = 64
 
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="infercache-unpack") if threads > 1 else None
-        self._pending: dict[str, Any] = {}
-        self._dir_jobs: dict[str, Any] = {}  # directory rel → future of its mkdir
-        self._sizes: dict[str, int] = {}
-        self._bytes = 0
+    def __init__(self, threads: int, max_bytes: int = 64 << 20) -> None:
+        import threading
+
+        self.error: BaseException | None = None
+        self._cond = threading.Condition(threading.Lock())
+        self._inflight_bytes = 0  # queued or being written
+        self._inflight_jobs = 0
         self._max = max_bytes
+        self._waiting = False
+        self._queued: set[str] = set()  # files queued since the last flush
+        self._workers = [_Worker(self, i) for i in range(threads)] if threads > 1 else []
         self.results: dict[str, ExtractedFile] = {}
 
     @property
     def parallel(self) -> bool:
-        return self._pool is not None
+        return bool(self._workers)
 
     def pending(self, rel: str) -> bool:
-        return rel in self._pending
+        return rel in self._queued
 
-    def mkdir(self, rel: str, parent: str, path: str) -> None:
-        """Make a directory on the pool, after its parent's job when that is still pending."""
-        assert self._pool is not None
-        self._dir_jobs[rel] = self._pool.submit(_make_dir, path, self._dir_jobs.get(parent))
+    # -- called on worker threads
+    def fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self.error is None:
+                self.error = exc
+
+    def retire(self, nbytes: int, njobs: int) -> None:
+        with self._cond:
+            self._inflight_bytes -= nbytes
+            self._inflight_jobs -= njobs
+            if self._waiting:
+                self._cond.notify()
+
+    # -- called on the caller's thread
+    def _worker_for(self, rel: str) -> _Worker:
+        parts = rel.split("/", 2)
+        owner = parts[0] + "/" + parts[1] if len(parts) > 1 else rel
+        return self._workers[hash(owner) % len(self._workers)]
+
+    def _add(self, worker: _Worker, job: tuple[Any, ...], size: int) -> None:
+        if self.error is not None:
+            self.flush()  # raises it
+        worker.batch.append(job)
+        worker.batch_bytes += size
+        with self._cond:
+            self._inflight_bytes += size
+            self._inflight_jobs += 1
+        if worker.batch_bytes >= self._BATCH_BYTES or len(worker.batch) >= self._BATCH_JOBS:
+            self._send(worker)
+        if self._inflight_bytes > self._max:
+            for w in self._workers:
+                self._send(w)
+            with self._cond:
+                self._waiting = True
+                while self._inflight_bytes > self._max // 2 and self.error is None:
+                    self._cond.wait()
+                self._waiting = False
+
+    @staticmethod
+    def _send(worker: _Worker) -> None:
+        if worker.batch:
+            worker.queue.put(worker.batch)
+            worker.batch = []
+            worker.batch_bytes = 0
+
+    def mkdir(self, rel: str, path: str) -> None:
+        """Make a directory below the top level, on the thread that owns its subtree."""
+        self._add(self._worker_for(rel), (None, path), 0)
 
     def submit(self, rel: str, target: str, data: bytes, rewrite: Rewrite | None = None) -> None:
-        assert self._pool is not None
-        while self._pending and (self._bytes + len(data) > self._max or len(self._pending) >= 256):
-            self._retire_oldest()  # a sliding window: the pool never runs dry while we wait
-        parent = rel.rpartition("/")[0]
-        self._pending[rel] = self._pool.submit(_create_file, target, data, rel, self._dir_jobs.get(parent), rewrite)
-        self._sizes[rel] = len(data)
-        self._bytes += len(data)
-
-    def _retire_oldest(self) -> None:
-        rel = next(iter(self._pending))
-        future, size = self._pending.pop(rel), self._sizes.pop(rel)
-        self._bytes -= size
-        try:
-            self.results[rel] = future.result()
-        except BaseException:
-            self.flush()  # let the others finish (nothing may run after we return), then raise
-            raise
+        self._queued.add(rel)
+        self._add(self._worker_for(rel), (rel, target, data, rewrite), len(data))
 
     def flush(self) -> None:
-        """Wait for every pending write; the first failure is raised after all have finished."""
-        error: BaseException | None = None
-        for future in self._dir_jobs.values():
-            try:
-                future.result()
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                error = error or exc
-        self._dir_jobs.clear()
-        for rel, future in self._pending.items():
-            try:
-                self.results[rel] = future.result()
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others finished
-                error = error or exc
-        self._pending.clear()
-        self._sizes.clear()
-        self._bytes = 0
-        if error is not None:
-            raise error
+        """Wait until every queued job has run; raise the first failure."""
+        if self._workers:
+            for w in self._workers:
+                self._send(w)
+            with self._cond:
+                self._waiting = True
+                while self._inflight_jobs:
+                    self._cond.wait()
+                self._waiting = False
+            for w in self._workers:
+                self.results.update(w.results)
+                w.results.clear()
+        self._queued.clear()
+        if self.error is not None:
+            raise self.error
 
     def close(self) -> None:
         try:
             self.flush()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
+            for w in self._workers:
+                w.queue.put(None)
+            for w in self._workers:
+                w.thread.join()
 
 
 #: Files up to this size are read whole and written by the thread pool; bigger ones stream.
@@ -377,10 +450,12 @@ def extract_layer(
                     raise UnsafeImageError(f"entry {rel} is {member.size} bytes: too large for a group file")
                 if writer.parallel and (member.size <= _PARALLEL_MAX_FILE or change is not None):
                     writer.submit(rel, target, _read_member(tar, member), change)
-                elif change is not None:
-                    written[rel] = _create_file(target, _read_member(tar, member), rel, None, change)
                 else:
-                    written[rel] = ExtractedFile(member.size, _write_member(tar, member, target))
+                    writer.flush()  # its directory may still be queued on a writer thread
+                    if change is not None:
+                        written[rel] = _create_file(target, _read_member(tar, member), rel, change)
+                    else:
+                        written[rel] = ExtractedFile(member.size, _write_member(tar, member, target))
                 if progress is not None:
                     progress(counting.count)
             elif member.issym():
@@ -438,8 +513,17 @@ def _check_symlink(member: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
         raise UnsafeImageError(f"symlink {rel} → {link} points outside its directory: refused")
 
 
+def _member_data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Any:
+    """A reader of the member's bytes: the tar stream itself when it sits at them (stream mode
+    after `next()`), which skips tarfile's per-member file object and buffer copies."""
+    stream = tar.fileobj
+    if stream is not None and stream.tell() == member.offset_data:
+        return stream
+    return tar.extractfile(member)  # pragma: no cover - stream mode always sits at the data
+
+
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    source = tar.extractfile(member)
+    source = _member_data(tar, member)
     data = source.read(member.size) if source is not None else b""
     if len(data) != member.size:
         raise UnsafeImageError(f"layer is truncated inside {member.name}")
@@ -448,24 +532,27 @@ def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 
 def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: str) -> str:
     """Write the member's data to a new file (never through a link); returns its sha256."""
-    source = tar.extractfile(member)
+    source = _member_data(tar, member)
     if source is None:  # pragma: no cover - regular files always have data
         raise UnsafeImageError(f"entry {member.name} has no data")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(target, flags, 0o644)
+        fd = os.open(target, _CREATE_FLAGS, 0o644)
     except OSError as exc:
         if exc.errno in (errno.EEXIST, errno.ELOOP):
             raise UnsafeImageError(f"entry {member.name} collides with a link") from None
         raise
     remaining = member.size
     digest = hashlib.sha256()
-    with os.fdopen(fd, "wb") as out:
+    try:
         while remaining > 0:
             chunk = source.read(min(_CHUNK, remaining))
             if not chunk:
                 raise UnsafeImageError(f"layer is truncated inside {member.name}")
-            out.write(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
             digest.update(chunk)
             remaining -= len(chunk)
+    finally:
+        os.close(fd)
     return digest.hexdigest()
