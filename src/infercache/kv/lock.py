@@ -44,7 +44,7 @@ class PoolLock:
     # two Pool objects on one pool have separate flock handles that would block each other.
     _held: dict[tuple[int, int], int] = {}
 
-    __slots__ = ("fd", "_file", "_thread_lock", "_owner")
+    __slots__ = ("_file", "_owner", "_thread_lock", "fd")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
