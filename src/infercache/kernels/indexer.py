@@ -207,7 +207,7 @@ def _index(
     run = _Run()
     modes: list[str] = []
     # 1. Discover the Triton cache dirs and list their children (cheap: one lstat each).
-    jobs: list[tuple[Any, list[tuple[str, os.stat_result]]]] = []
+    jobs: list[tuple[Any, list[os.DirEntry[str]]]] = []
     artifacts: list[Any] = []
     root_modes: dict[Path, str] = {}
     for root in roots:
@@ -278,16 +278,11 @@ def _index(
     return summary
 
 
-def _list_children(path: Path) -> list[tuple[str, os.stat_result]]:
+def _list_children(path: Path) -> list[os.DirEntry[str]]:
+    """The children of a Triton cache dir (their lstat comes later, and only where needed)."""
     try:
         with os.scandir(path) as it:
-            out = []
-            for child in it:
-                try:
-                    out.append((child.name, child.stat(follow_symlinks=False)))
-                except OSError as exc:
-                    logger.warning("cannot stat %s: %s", child.path, exc)
-            return out
+            return list(it)
     except OSError as exc:
         logger.warning("cannot list %s: %s", path, exc)
         return []
@@ -299,8 +294,13 @@ def _list_children(path: Path) -> list[tuple[str, os.stat_result]]:
 Item = tuple
 
 
-def _prepare(path: str, st: os.stat_result, info: "_CacheDirInfo", now: float) -> Item:
-    """Parse one candidate and turn it into catalog rows."""
+def _prepare(path: str, st: os.stat_result | None, info: "_CacheDirInfo", now: float) -> Item:
+    """Parse one candidate and turn it into catalog rows (`st`: its lstat, if already known)."""
+    if st is None:
+        try:
+            st = os.lstat(path)
+        except OSError as exc:  # vanished (the write re-check drops it) or unreadable
+            return ("s", path, "", "unreadable", exc.strerror or str(exc), 0, 0.0)
     sig = signature(st)
     result = scan(path, st)
     if isinstance(result, NotAKernel):
@@ -331,7 +331,7 @@ def default_workers() -> int:
 def _index_dir(
     catalog: Catalog,
     tcd: Any,
-    children: list[tuple[str, os.stat_result]],
+    children: list[os.DirEntry[str]],
     run: _Run,
     rescan: bool,
     progress: ProgressCallback | None,
@@ -350,21 +350,32 @@ def _index_dir(
         )
     }
     seen: set[str] = set()
-    todo: list[tuple[str, os.stat_result]] = []
-    for name, st in children:
+    todo: list[tuple[str, os.stat_result | None]] = []
+    # Signatures are only compared with what the catalog knows: a first index (or a rescan)
+    # leaves the lstat to the parser (in the workers, when there are some).
+    compare = not rescan and bool(known or known_skips)
+    for child in children:
+        name = child.name
         path = os.path.join(parent, name)
         seen.add(path)
-        if not rescan:
-            sig = signature(st)
-            if known.get(path) == sig:
-                run.unchanged += 1
-                done += 1
-                continue
-            prior = known_skips.get(path)
-            if prior is not None and prior[0] == sig:
-                run.skip(Path(path), prior[1], prior[2])
-                done += 1
-                continue
+        if not compare:
+            todo.append((name, None))
+            continue
+        try:
+            st = child.stat(follow_symlinks=False)
+        except OSError as exc:
+            logger.warning("cannot stat %s: %s", path, exc)
+            continue
+        sig = signature(st)
+        if known.get(path) == sig:
+            run.unchanged += 1
+            done += 1
+            continue
+        prior = known_skips.get(path)
+        if prior is not None and prior[0] == sig:
+            run.skip(Path(path), prior[1], prior[2])
+            done += 1
+            continue
         todo.append((name, st))
     # Path order: rows then land in the path-keyed indexes in order (fewer page splits).
     todo.sort(key=lambda c: c[0])
@@ -409,7 +420,7 @@ def _index_dir(
 # pickling them). They never touch SQLite (a connection must not cross a fork): this process
 # stays the only writer, with the same batches, re-checks and counters as the serial path.
 
-_FORK_STATE: tuple[str, list[tuple[str, os.stat_result]], "_CacheDirInfo", float] | None = None
+_FORK_STATE: tuple[str, list[tuple[str, os.stat_result | None]], "_CacheDirInfo", float] | None = None
 
 
 def _can_fork() -> bool:
@@ -436,7 +447,7 @@ def _prepare_range(bounds: tuple[int, int]) -> bytes:
 
 
 def _prepare_parallel(
-    parent: str, todo: list[tuple[str, os.stat_result]], info: "_CacheDirInfo", now: float, workers: int
+    parent: str, todo: list[tuple[str, os.stat_result | None]], info: "_CacheDirInfo", now: float, workers: int
 ) -> Iterator[Item]:
     """Prepared items in `todo` order, parsed by `workers` forked processes."""
     import marshal

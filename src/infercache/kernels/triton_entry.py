@@ -387,19 +387,24 @@ def _parse(path_s: str, st: os.stat_result | None) -> EntryScan | NotAKernel:
     # cheapest syscalls per file (no path walk per file), and no race can swap the dir for a link.
     dfd = os.open(path_s, _DIR_FLAGS) if _USE_DIR_FD else None
     prefix = "" if dfd is not None else path_s + os.sep
+    size_all = 0
+    groups: list[str] = []
     try:
         for child in os.listdir(dfd if dfd is not None else path_s):
             cst = os.stat(prefix + child, dir_fd=dfd, follow_symlinks=False)
             mode = cst.st_mode
             if stat.S_ISREG(mode):
                 files[child] = cst
+                size_all += cst.st_size
+                if child.startswith(GROUP_PREFIX) and child.endswith(".json"):
+                    groups.append(child)
             elif stat.S_ISLNK(mode):
                 links.append(child)
             elif stat.S_ISDIR(mode) and child.startswith(TMP_PREFIX):
                 leftovers.append(os.path.join(path_s, child))
             else:
                 others.append(child)
-        return _classify(path_s, dfd, prefix, files, leftovers, links, others)
+        return _classify(path_s, dfd, prefix, files, size_all, groups, leftovers, links, others)
     finally:
         if dfd is not None:
             os.close(dfd)
@@ -410,6 +415,8 @@ def _classify(
     dfd: int | None,
     prefix: str,
     files: dict[str, os.stat_result],
+    size_all: int,
+    groups: list[str],
     leftovers: list[str],
     links: list[str],
     others: list[str],
@@ -421,17 +428,11 @@ def _classify(
             return NotAKernel(Path(path_s), "other", f"no files, only sub-directories: {', '.join(sorted(others)[:3])}")
         return NotAKernel(Path(path_s), "empty", "empty directory")
 
-    names = sorted(files)
-    size_all = 0
-    groups = []
-    for n in names:
-        size_all += files[n].st_size
-        if n.startswith(GROUP_PREFIX) and n.endswith(".json"):
-            groups.append(n)
     if not groups:
         return _classify_groupless(Path(path_s), set(files), links, size_all)
 
-    group_name = groups[0]
+    names = sorted(files)
+    group_name = min(groups)
     if len(groups) > 1:
         logger.debug("%s: several group files, using %s", path_s, group_name)
     meta_name = group_name[len(GROUP_PREFIX) :]
