@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from infercache.errors import BadInputError, InfercacheError
+from infercache.fsutil import atomic_file
 from infercache.kv import registry
 from infercache.kv.allocator import MAX_BLOCKS, Allocator
 from infercache.kv.index import KeyIndex
@@ -1579,63 +1580,51 @@ class Pool:
             raise BadInputError(f"{target} is a directory; give a file name")
         if not target.parent.is_dir():
             raise BadInputError(f"directory {target.parent} does not exist")
-        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
         written = 0
-        try:
-            with self._reading(), open(tmp, "wb") as handle:
-                import numpy as np
+        with self._reading(), atomic_file(target, mode=0o600) as handle:
+            import numpy as np
 
-                rows = self._rows()
-                slots = np.flatnonzero((rows["state"] & 0xFF) == ST_PUBLISHED)
-                slots = slots[np.argsort(rows["itick"][slots], kind="stable")].tolist()
-                hq = self._hq
-                tq, td = self._tq, self._td
-                hits, misses, bytes_out = self._read_counters()
-                header = snap.SnapshotHeader(
-                    block_size=self.block_size, n_blocks=self.n_blocks, policy_id=hq[HDR_POLICY],
-                    tier_id=hq[HDR_TIER], n_entries=len(slots),
-                    data_bytes=sum(tq[e * ENTRY_WORDS + E_SIZE] for e in slots),
-                    keys_bytes=sum((tq[e * ENTRY_WORDS + E_CHECK] >> 32) & 0xFFFF for e in slots), hits=hits,
-                    misses=misses, evictions=hq[HDR_EVICTIONS], bytes_in=hq[HDR_BYTES_IN],
-                    bytes_out=bytes_out, puts=hq[HDR_PUTS], clock=hq[HDR_CLOCK],
-                    created=self._hd[HDR_CREATED], name=self.name,
-                )  # fmt: skip
-                written += snap.write_preamble(handle, header)
-                crc = 0
-                for e in slots:
-                    w = e * ENTRY_WORDS
-                    raw = snap.Record(
-                        key=self._key_of(e), size=tq[w + E_SIZE], created=td[w + E_CREATED], atime=td[w + E_ATIME],
-                        expiry=td[w + E_EXPIRY], count=tq[w + E_COUNT], priority=self._ts[w + E_PRIORITY],
-                        pins=tq[w + E_PINS], flags=tq[w + E_FLAGS] & _LOW32, prefix=tq[w + E_PREFIX],
-                        itick=tq[w + E_ITICK], atick=tq[w + E_ATICK],
-                    ).pack()  # fmt: skip
-                    crc = zlib.crc32(raw, crc)
-                    handle.write(raw)
-                    written += len(raw)
-                handle.write(snap.CRC.pack(crc))
-                written += snap.CRC.size
-                crc = 0
-                for e in slots:
-                    data = self._data(e)
-                    crc = zlib.crc32(data, crc)
-                    handle.write(data)
-                    written += len(data)
-                    data.release()
-                handle.write(snap.CRC.pack(crc))
-                written += snap.CRC.size
-                handle.write(snap.TRAILER.pack(snap.END_MAGIC, written))
-                written += snap.TRAILER.size
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+            rows = self._rows()
+            slots = np.flatnonzero((rows["state"] & 0xFF) == ST_PUBLISHED)
+            slots = slots[np.argsort(rows["itick"][slots], kind="stable")].tolist()
+            hq = self._hq
+            tq, td = self._tq, self._td
+            hits, misses, bytes_out = self._read_counters()
+            header = snap.SnapshotHeader(
+                block_size=self.block_size, n_blocks=self.n_blocks, policy_id=hq[HDR_POLICY],
+                tier_id=hq[HDR_TIER], n_entries=len(slots),
+                data_bytes=sum(tq[e * ENTRY_WORDS + E_SIZE] for e in slots),
+                keys_bytes=sum((tq[e * ENTRY_WORDS + E_CHECK] >> 32) & 0xFFFF for e in slots), hits=hits,
+                misses=misses, evictions=hq[HDR_EVICTIONS], bytes_in=hq[HDR_BYTES_IN],
+                bytes_out=bytes_out, puts=hq[HDR_PUTS], clock=hq[HDR_CLOCK],
+                created=self._hd[HDR_CREATED], name=self.name,
+            )  # fmt: skip
+            written += snap.write_preamble(handle, header)
+            crc = 0
+            for e in slots:
+                w = e * ENTRY_WORDS
+                raw = snap.Record(
+                    key=self._key_of(e), size=tq[w + E_SIZE], created=td[w + E_CREATED], atime=td[w + E_ATIME],
+                    expiry=td[w + E_EXPIRY], count=tq[w + E_COUNT], priority=self._ts[w + E_PRIORITY],
+                    pins=tq[w + E_PINS], flags=tq[w + E_FLAGS] & _LOW32, prefix=tq[w + E_PREFIX],
+                    itick=tq[w + E_ITICK], atick=tq[w + E_ATICK],
+                ).pack()  # fmt: skip
+                crc = zlib.crc32(raw, crc)
+                handle.write(raw)
+                written += len(raw)
+            handle.write(snap.CRC.pack(crc))
+            written += snap.CRC.size
+            crc = 0
+            for e in slots:
+                data = self._data(e)
+                crc = zlib.crc32(data, crc)
+                handle.write(data)
+                written += len(data)
+                data.release()
+            handle.write(snap.CRC.pack(crc))
+            written += snap.CRC.size
+            handle.write(snap.TRAILER.pack(snap.END_MAGIC, written))
+            written += snap.TRAILER.size
         log.info("persisted pool %s: %d entries, %d bytes to %s", self.name, len(slots), written, target)
         return written
 
