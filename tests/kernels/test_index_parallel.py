@@ -108,3 +108,31 @@ def test_parallel_rescan_updates_in_place(triton_cache: Path, tmp_path: Path,
         )
         third = indexer.index(cat, [triton_cache], mode="triton", workers=2)
         assert third.unchanged == SAMPLE_ENTRIES and third.new == third.updated == 0
+
+
+def test_no_workers_falls_back_to_parsing_here(triton_cache: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no process can be started (fork refused; faked: no way to exhaust processes safely)."""
+    import concurrent.futures
+
+    class Refused:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def map(self, *args: Any) -> Any:
+            raise OSError(11, "Resource temporarily unavailable")
+
+        def shutdown(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    monkeypatch.setattr(indexer, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Refused)
+    with Catalog(tmp_path / "c.db") as cat:
+        s = indexer.index(cat, [triton_cache], mode="triton", workers=2)
+        assert s.new == SAMPLE_ENTRIES
+        assert cat.conn.execute("SELECT count(*) FROM entries").fetchone()[0] == SAMPLE_ENTRIES
+    # The next run may use workers again (the guard was released).
+    monkeypatch.undo()
+    monkeypatch.setattr(indexer, "PARALLEL_MIN", 1)
+    assert indexer._PARALLEL.acquire(blocking=False)
+    indexer._PARALLEL.release()

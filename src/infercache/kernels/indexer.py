@@ -23,12 +23,13 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from infercache.errors import BadInputError
+from infercache.errors import BadInputError, InfercacheError
 from infercache.kernels.catalog import Catalog
 from infercache.kernels.triton_entry import EntryScan, NotAKernel, scan
 
@@ -430,7 +431,7 @@ def _can_fork() -> bool:
 
 
 def _worker_init() -> None:
-    """Ctrl-C is this process's to handle: it stops the pool (workers would only add tracebacks)."""
+    """Ctrl-C is the parent's to handle: it stops the pool (workers would only add tracebacks)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -449,25 +450,53 @@ def _prepare_range(bounds: tuple[int, int]) -> bytes:
 def _prepare_parallel(
     parent: str, todo: list[tuple[str, os.stat_result | None]], info: "_CacheDirInfo", now: float, workers: int
 ) -> Iterator[Item]:
-    """Prepared items in `todo` order, parsed by `workers` forked processes."""
+    """Prepared items in `todo` order, parsed by `workers` forked processes.
+
+    Falls back to parsing here when no worker can be started (a daemonic process, fork
+    refused, another thread of this process already using workers).
+    """
     import marshal
     import multiprocessing
     import warnings
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     global _FORK_STATE
+    if not _PARALLEL.acquire(blocking=False):
+        yield from (_prepare(os.path.join(parent, name), st, info, now) for name, st in todo)
+        return
     ranges = [(lo, min(lo + CHUNK, len(todo))) for lo in range(0, len(todo), CHUNK)]
-    _FORK_STATE = (parent, todo, info, now)
+    pool = None
     try:
-        with warnings.catch_warnings():
-            # Python 3.12+ warns about fork in a threaded process (a progress bar's thread):
-            # the children only parse files and exit; they take no lock a thread could hold.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pool = multiprocessing.get_context("fork").Pool(min(workers, len(ranges)), initializer=_worker_init)
+        _FORK_STATE = (parent, todo, info, now)
+        try:
+            with warnings.catch_warnings():
+                # Python 3.12+ warns about fork in a threaded process (a progress bar's thread):
+                # the children only parse files and exit; they take no lock a thread could hold.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pool = ProcessPoolExecutor(
+                    min(workers, len(ranges)), mp_context=multiprocessing.get_context("fork"), initializer=_worker_init
+                )
+                # With fork, every worker starts at the first submit: all of them see _FORK_STATE.
+                blobs = pool.map(_prepare_range, ranges)
+        except (OSError, AssertionError, RuntimeError) as exc:
+            logger.debug("no parsing workers (%s): parsing in this process", exc)
+            yield from (_prepare(os.path.join(parent, name), st, info, now) for name, st in todo)
+            return
+        try:
+            for blob in blobs:
+                yield from marshal.loads(blob)
+        except BrokenProcessPool as exc:
+            raise InfercacheError(f"a parsing worker died ({exc}); nothing half-written, run index again") from exc
+        pool.shutdown()
     finally:
         _FORK_STATE = None
-    with pool:
-        for blob in pool.imap(_prepare_range, ranges):
-            yield from marshal.loads(blob)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)  # no-op after a clean shutdown
+        _PARALLEL.release()
+
+
+_PARALLEL = threading.Lock()
 
 
 _ENTRY_COLUMNS = (
