@@ -34,7 +34,6 @@ from infercache.vault.image import open_decompressed
 
 logger = logging.getLogger(__name__)
 _CHUNK = 1 << 20
-_TAR_BUFSIZE = 64 << 10
 
 
 class UnsafeImageError(InfercacheError):
@@ -57,8 +56,10 @@ class ExtractLimits:
 class _CountingReader:
     """Counts decompressed bytes and stops a decompression bomb as soon as it crosses a limit.
 
-    Also buffers: it pulls 1 MiB at a time from the decompressor (tarfile asks for a few KiB
-    per call, and each decompressor call drops and retakes the GIL).
+    It is also the file tarfile reads (mode "r:", not the stream mode "r|"): it pulls 1 MiB
+    at a time from the decompressor, answers reads with one slice (or one join across
+    chunks) and seeks forward by skipping. tarfile's stream wrapper would re-buffer
+    through a 64 KiB window instead: three copies of every byte plus a buffer copy per header.
     """
 
     def __init__(self, stream: BinaryIO, compressed_size: int, limits: ExtractLimits) -> None:
@@ -70,6 +71,7 @@ class _CountingReader:
         self._compressed = compressed_size
         self._buf = b""
         self._pos = 0
+        self._offset = 0  # bytes handed out (or skipped) so far
         self.count = 0
 
     def _fill(self) -> bytes:
@@ -93,18 +95,53 @@ class _CountingReader:
             )
         return data
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytes:
+        """Exactly `size` bytes, fewer only at the end of the data."""
         if size is None or size < 0:
             size = _CHUNK
-        if self._pos >= len(self._buf):
-            self._buf = self._fill()
-            self._pos = 0
-            if not self._buf:
-                return b""
-        end = self._pos + size
-        data = self._buf[self._pos:end]
-        self._pos = min(end, len(self._buf))
-        return data
+        pos = self._pos
+        end = pos + size
+        if end <= len(self._buf):
+            self._pos = end
+            self._offset += size
+            return self._buf[pos:end]
+        parts = [memoryview(self._buf)[pos:]]
+        got = len(self._buf) - pos
+        self._buf, self._pos = b"", 0
+        while got < size:
+            chunk = self._fill()
+            if not chunk:
+                break
+            need = size - got
+            if len(chunk) > need:
+                parts.append(memoryview(chunk)[:need])
+                self._buf, self._pos = chunk, need
+                got = size
+                break
+            parts.append(memoryview(chunk))
+            got += len(chunk)
+        self._offset += got
+        return b"".join(parts)
+
+    def tell(self) -> int:
+        return self._offset
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Forward only (a stream): skips the bytes in between."""
+        if whence != 0 or offset < self._offset:
+            raise tarfile.ReadError("layer stream cannot seek backwards")
+        while offset > self._offset:
+            step = offset - self._offset
+            left = len(self._buf) - self._pos
+            if left == 0:
+                self._buf, self._pos = self._fill(), 0
+                if not self._buf:
+                    break  # the next read reports the end of data
+                continue
+            step = min(step, left)
+            self._pos += step
+            self._offset += step
+        return self._offset
 
 
 def safe_member_path(name: str, allowed_top: Iterable[str]) -> tuple[str, ...] | None:
@@ -389,6 +426,13 @@ _PARALLEL_MAX_FILE = 4 << 20
 MAX_REWRITTEN_FILE = 16 << 20
 
 
+def default_threads() -> int:
+    """Writer threads: one per core, 2 to 4 (on top of the reading thread). More threads than
+    cores only add GIL hand-offs (measured on 2 cores: 2 beat 4 on tmpfs, tie on ext4)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return min(4, max(2, cores))
+
+
 def extract_layer(
     stream: BinaryIO,
     compressed_size: int,
@@ -396,7 +440,7 @@ def extract_layer(
     allowed_top: Iterable[str],
     limits: ExtractLimits | None = None,
     progress: Callable[[int], None] | None = None,
-    threads: int = 4,
+    threads: int | None = None,
     state: StagingState | None = None,
     rewrite: Callable[[str], Rewrite | None] | None = None,
 ) -> dict[str, ExtractedFile]:
@@ -411,13 +455,13 @@ def extract_layer(
     allowed = frozenset(allowed_top)
     place = state or StagingState(Path(staging))
     counting = _CountingReader(open_decompressed(stream), compressed_size, limits)
-    writer = _FileWriter(threads)
+    writer = _FileWriter(default_threads() if threads is None else threads)
     place.writer = writer
     written = writer.results
     members = 0
     try:
-        # A small stream buffer: tarfile's stream mode re-joins its whole buffer on every header read.
-        tar = tarfile.open(fileobj=counting, mode="r|", bufsize=_TAR_BUFSIZE)  # type: ignore[call-overload]
+        # Mode "r:" on our forward-only reader, not stream mode "r|": see _CountingReader.
+        tar = tarfile.open(fileobj=counting, mode="r:")  # type: ignore[call-overload]
     except tarfile.TarError as exc:
         writer.close()
         raise UnsafeImageError(f"layer is not a valid tar archive: {exc}") from None
@@ -494,7 +538,7 @@ def extract_layer(
 
 
 def _members(tar: tarfile.TarFile) -> Any:
-    """Iterate members without tarfile keeping them all in memory (stream mode, one at a time)."""
+    """Iterate members without tarfile keeping them all in memory (one at a time, forward only)."""
     while True:
         member = tar.next()
         if member is None:
@@ -514,12 +558,12 @@ def _check_symlink(member: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
 
 
 def _member_data(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Any:
-    """A reader of the member's bytes: the tar stream itself when it sits at them (stream mode
-    after `next()`), which skips tarfile's per-member file object and buffer copies."""
+    """A reader of the member's bytes: the layer stream itself, which sits at them right after
+    `next()`; skips tarfile's per-member file object and its buffer copies."""
     stream = tar.fileobj
     if stream is not None and stream.tell() == member.offset_data:
         return stream
-    return tar.extractfile(member)  # pragma: no cover - stream mode always sits at the data
+    return tar.extractfile(member)  # pragma: no cover - never seeks back: the stream sits at the data
 
 
 def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
