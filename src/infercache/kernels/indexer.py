@@ -185,7 +185,8 @@ def index(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _index(catalog, cache_dirs, mode, progress, rescan, default_workers() if workers is None else workers)
+        with catalog.bulk_writes():
+            return _index(catalog, cache_dirs, mode, progress, rescan, default_workers() if workers is None else workers)
     finally:
         if gc_was_enabled:
             gc.enable()
