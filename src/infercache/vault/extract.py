@@ -275,7 +275,7 @@ class _Worker:
         import queue
         import threading
 
-        self.queue: "queue.SimpleQueue[list[tuple[Any, ...]] | None]" = queue.SimpleQueue()
+        self.queue: "queue.SimpleQueue[tuple[list[tuple[Any, ...]], int] | None]" = queue.SimpleQueue()
         self.results: dict[str, ExtractedFile] = {}
         self.batch: list[tuple[Any, ...]] = []
         self.batch_bytes = 0
@@ -287,22 +287,21 @@ class _Worker:
         owner = self._owner
         results = self.results
         while True:
-            batch = self.queue.get()
-            if batch is None:
+            item = self.queue.get()
+            if item is None:
                 return
-            done = 0
+            batch, nbytes = item
             for job in batch:
-                if owner.error is None:  # after a failure the rest is dropped, not written
-                    try:
-                        if job[0] is None:
-                            os.mkdir(job[1], 0o755)
-                        else:
-                            results[job[0]] = _create_file(job[1], job[2], job[0], job[3])
-                    except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                        owner.fail(exc)
-                if job[0] is not None:
-                    done += len(job[2])
-            owner.retire(done, len(batch))
+                if owner.stopped:  # after a failure the rest is dropped, not written
+                    break
+                try:
+                    if job[0] is None:
+                        os.mkdir(job[1], 0o755)
+                    else:
+                        results[job[0]] = _create_file(job[1], job[2], job[0], job[3])
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                    owner.fail(exc)
+            owner.retire(nbytes, len(batch))
 
 
 class _FileWriter:
@@ -312,9 +311,9 @@ class _FileWriter:
     time, GIL released) and hashing (GIL released), not to Python; `tar -x` does them one
     by one. Each entry directory's subtree belongs to one thread (its mkdir, then its files,
     in order), so threads never contend for one directory's lock and no job waits on
-    another thread's. Jobs go in batches (one queue hand-off per ~1 MiB, not per file);
-    in-flight bytes are bounded; the caller flushes before anything that depends on
-    earlier files (links, duplicate paths, lstat checks).
+    another thread's. Jobs go in batches (one queue hand-off and one lock per ~1 MiB, not
+    per file); in-flight bytes are bounded; the caller flushes before anything that depends
+    on earlier files (links, duplicate paths, lstat checks).
     """
 
     _BATCH_BYTES = 1 << 20
@@ -324,8 +323,10 @@ class _FileWriter:
         import threading
 
         self.error: BaseException | None = None
+        #: set on a failure (here or on the caller's side): queued jobs are dropped
+        self.stopped = False
         self._cond = threading.Condition(threading.Lock())
-        self._inflight_bytes = 0  # queued or being written
+        self._inflight_bytes = 0  # sent to a thread and not written yet
         self._inflight_jobs = 0
         self._max = max_bytes
         self._waiting = False
@@ -345,6 +346,7 @@ class _FileWriter:
         with self._cond:
             if self.error is None:
                 self.error = exc
+            self.stopped = True
 
     def retire(self, nbytes: int, njobs: int) -> None:
         with self._cond:
@@ -364,24 +366,23 @@ class _FileWriter:
             self.flush()  # raises it
         worker.batch.append(job)
         worker.batch_bytes += size
-        with self._cond:
-            self._inflight_bytes += size
-            self._inflight_jobs += 1
         if worker.batch_bytes >= self._BATCH_BYTES or len(worker.batch) >= self._BATCH_JOBS:
             self._send(worker)
-        if self._inflight_bytes > self._max:
-            for w in self._workers:
-                self._send(w)
-            with self._cond:
-                self._waiting = True
-                while self._inflight_bytes > self._max // 2 and self.error is None:
-                    self._cond.wait()
-                self._waiting = False
+            if self._inflight_bytes > self._max:
+                for w in self._workers:
+                    self._send(w)
+                with self._cond:
+                    self._waiting = True
+                    while self._inflight_bytes > self._max // 2 and self.error is None:
+                        self._cond.wait()
+                    self._waiting = False
 
-    @staticmethod
-    def _send(worker: _Worker) -> None:
+    def _send(self, worker: _Worker) -> None:
         if worker.batch:
-            worker.queue.put(worker.batch)
+            with self._cond:
+                self._inflight_bytes += worker.batch_bytes
+                self._inflight_jobs += len(worker.batch)
+            worker.queue.put((worker.batch, worker.batch_bytes))
             worker.batch = []
             worker.batch_bytes = 0
 
@@ -410,7 +411,12 @@ class _FileWriter:
         if self.error is not None:
             raise self.error
 
-    def close(self) -> None:
+    def close(self, abandon: bool = False) -> None:
+        """Wait for the threads and stop them; `abandon`: the layer failed, queued jobs are dropped."""
+        if abandon:
+            self.stopped = True
+            for w in self._workers:
+                w.batch, w.batch_bytes = [], 0
         try:
             self.flush()
         finally:
@@ -466,74 +472,80 @@ def extract_layer(
         writer.close()
         raise UnsafeImageError(f"layer is not a valid tar archive: {exc}") from None
     try:
-        for member in _members(tar):
-            members += 1
-            if members > limits.max_members:
-                raise UnsafeImageError(f"layer holds more than {limits.max_members} entries")
-            parts = safe_member_path(member.name, allowed)
-            if parts is None:
-                continue
-            rel = "/".join(parts)
-            if member.isdir():
-                place.ensure_dirs(parts)
-                continue
-            target = place.ensure_dirs(parts[:-1]) + "/" + parts[-1]
-            if member.isreg() and not member.issparse():
-                if member.size > limits.max_member_bytes:
-                    raise UnsafeImageError(f"entry {rel} is {member.size} bytes, over the per-file limit")
-                if counting.count + member.size > counting.limit:  # refuse before writing a byte of it
-                    raise UnsafeImageError(
-                        f"entry {rel} declares {member.size} bytes, more than the layer may expand to "
-                        f"({counting.limit} bytes for {compressed_size} compressed): refused as a decompression bomb"
-                    )
-                if writer.pending(rel):
-                    writer.flush()  # a duplicate path: the earlier write must land before it is replaced
-                place.remove_existing(rel, target)
-                change = rewrite(rel) if rewrite is not None else None
-                if change is not None and member.size > MAX_REWRITTEN_FILE:
-                    raise UnsafeImageError(f"entry {rel} is {member.size} bytes: too large for a group file")
-                if writer.parallel and (member.size <= _PARALLEL_MAX_FILE or change is not None):
-                    writer.submit(rel, target, _read_member(tar, member), change)
-                else:
-                    writer.flush()  # its directory may still be queued on a writer thread
-                    if change is not None:
-                        written[rel] = _create_file(target, _read_member(tar, member), rel, change)
-                    else:
-                        written[rel] = ExtractedFile(member.size, _write_member(tar, member, target))
-                if progress is not None:
-                    progress(counting.count)
-            elif member.issym():
-                writer.flush()
-                _check_symlink(member, parts)
-                place.remove_existing(rel, target)
-                written.pop(rel, None)
-                os.symlink(member.linkname, target)
-            elif member.islnk():
-                writer.flush()
-                link_parts = safe_member_path(member.linkname, allowed)
-                if link_parts is None or link_parts[0] != parts[0]:
-                    raise UnsafeImageError(f"hard link {rel} → {member.linkname} leaves its directory")
-                link_rel = "/".join(link_parts)
-                if link_rel not in written:
-                    raise UnsafeImageError(f"hard link {rel} → {member.linkname} points to no extracted file")
-                place.remove_existing(rel, target)
-                os.link(place.root + "/" + link_rel, target, follow_symlinks=False)
-                written[rel] = written[link_rel]
-            elif member.ischr() or member.isblk():
-                raise UnsafeImageError(f"entry {rel} is a device node: refused")
-            elif member.isfifo():
-                raise UnsafeImageError(f"entry {rel} is a FIFO: refused")
-            else:
-                raise UnsafeImageError(f"entry {rel} has an unsupported type {member.type!r}: refused")
-    except tarfile.TarError as exc:
-        raise UnsafeImageError(f"layer is not a valid tar archive: {exc}") from None
-    except EOFError:
-        raise UnsafeImageError("layer is truncated (unexpected end of data)") from None
-    finally:
         try:
-            writer.close()  # never return (and let the caller clean staging) with writes in flight
-        finally:
-            tar.close()
+            for member in _members(tar):
+                members += 1
+                if members > limits.max_members:
+                    raise UnsafeImageError(f"layer holds more than {limits.max_members} entries")
+                parts = safe_member_path(member.name, allowed)
+                if parts is None:
+                    continue
+                rel = "/".join(parts)
+                if member.isdir():
+                    place.ensure_dirs(parts)
+                    continue
+                target = place.ensure_dirs(parts[:-1]) + "/" + parts[-1]
+                if member.isreg() and not member.issparse():
+                    if member.size > limits.max_member_bytes:
+                        raise UnsafeImageError(f"entry {rel} is {member.size} bytes, over the per-file limit")
+                    if counting.count + member.size > counting.limit:  # refuse before writing a byte of it
+                        raise UnsafeImageError(
+                            f"entry {rel} declares {member.size} bytes, more than the layer may expand to "
+                            f"({counting.limit} bytes for {compressed_size} compressed): refused as a decompression bomb"
+                        )
+                    if writer.pending(rel):
+                        writer.flush()  # a duplicate path: the earlier write must land before it is replaced
+                    place.remove_existing(rel, target)
+                    change = rewrite(rel) if rewrite is not None else None
+                    if change is not None and member.size > MAX_REWRITTEN_FILE:
+                        raise UnsafeImageError(f"entry {rel} is {member.size} bytes: too large for a group file")
+                    if writer.parallel and (member.size <= _PARALLEL_MAX_FILE or change is not None):
+                        writer.submit(rel, target, _read_member(tar, member), change)
+                    else:
+                        writer.flush()  # its directory may still be queued on a writer thread
+                        if change is not None:
+                            written[rel] = _create_file(target, _read_member(tar, member), rel, change)
+                        else:
+                            written[rel] = ExtractedFile(member.size, _write_member(tar, member, target))
+                    if progress is not None:
+                        progress(counting.count)
+                elif member.issym():
+                    writer.flush()
+                    _check_symlink(member, parts)
+                    place.remove_existing(rel, target)
+                    written.pop(rel, None)
+                    os.symlink(member.linkname, target)
+                elif member.islnk():
+                    writer.flush()
+                    link_parts = safe_member_path(member.linkname, allowed)
+                    if link_parts is None or link_parts[0] != parts[0]:
+                        raise UnsafeImageError(f"hard link {rel} → {member.linkname} leaves its directory")
+                    link_rel = "/".join(link_parts)
+                    if link_rel not in written:
+                        raise UnsafeImageError(f"hard link {rel} → {member.linkname} points to no extracted file")
+                    place.remove_existing(rel, target)
+                    os.link(place.root + "/" + link_rel, target, follow_symlinks=False)
+                    written[rel] = written[link_rel]
+                elif member.ischr() or member.isblk():
+                    raise UnsafeImageError(f"entry {rel} is a device node: refused")
+                elif member.isfifo():
+                    raise UnsafeImageError(f"entry {rel} is a FIFO: refused")
+                else:
+                    raise UnsafeImageError(f"entry {rel} has an unsupported type {member.type!r}: refused")
+        except tarfile.TarError as exc:
+            raise UnsafeImageError(f"layer is not a valid tar archive: {exc}") from None
+        except EOFError:
+            raise UnsafeImageError("layer is truncated (unexpected end of data)") from None
+    except BaseException:
+        try:
+            writer.close(abandon=True)  # never let the caller clean staging with writes in flight
+        except BaseException:  # noqa: BLE001 - the first error is the one to report
+            pass
+        raise
+    else:
+        writer.close()
+    finally:
+        tar.close()
     return written
 
 
