@@ -95,7 +95,8 @@ def main() -> None:
         warm(cache)
         data = work / "data"
         base_runs, full_runs, serial_runs = [], [], []
-        for i in range(3):
+        rounds = 3 if args.quick else 5
+        for i in range(rounds):
             base_runs.append(baseline(cache)[0])
             for runs, workers in ((full_runs, None), (serial_runs, 1)):
                 shutil.rmtree(data, ignore_errors=True)
@@ -107,7 +108,7 @@ def main() -> None:
         base = statistics.median(base_runs)
         full = statistics.median(full_runs)
         serial = statistics.median(serial_runs)
-        print(f"baseline  walk + parse every metadata JSON once: {base * 1000:8.1f} ms  (median of 3)")
+        print(f"baseline  walk + parse every metadata JSON once: {base * 1000:8.1f} ms  (median of {rounds})")
         print(f"full index:                {full * 1000:8.1f} ms  = {full / base:5.2f}x baseline  (target <= 2x; "
               f"{default_workers()} parsing workers on {os.cpu_count()} CPUs)")
         print(f"full index, one process:   {serial * 1000:8.1f} ms  = {serial / base:5.2f}x baseline  (--workers 1)")

@@ -42,7 +42,7 @@ BATCH = 500
 #: Entries to (re)read before worker processes pay off (a fork each, results shipped back).
 PARALLEL_MIN = 1000
 #: Entries per worker task: big enough to amortise the round trip, small enough to balance.
-CHUNK = 250
+CHUNK = 125
 #: Most parsing workers worth having: beyond this the single catalog writer is the bottleneck.
 MAX_WORKERS = 4
 
