@@ -17,10 +17,12 @@ from __future__ import annotations
 import errno
 import json
 import json.scanner
-from collections import abc  # isinstance against abc, not typing: typing's check is slow
 import logging
 import os
 import stat
+from collections import (
+    abc,  # isinstance against abc, not typing: typing's check is slow
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple
