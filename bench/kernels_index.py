@@ -90,8 +90,11 @@ def main() -> None:
         made = build(cache, total)
         print(f"built {made} real Triton entries in {time.perf_counter() - t0:.1f}s under {cache}")
 
-        # Warm the page cache for everything either side reads (this VM reclaims idle pages
-        # quickly), then interleave baseline and full-index runs so both see the same conditions.
+        # Flush the build's own writes first: their writeback would otherwise steal a CPU from
+        # whichever runs happen to overlap it (the parallel index most). Then warm the page
+        # cache for everything either side reads (this VM reclaims idle pages quickly), and
+        # interleave baseline and full-index runs so both see the same conditions.
+        os.sync()
         warm(cache)
         data = work / "data"
         base_runs, full_runs, serial_runs = [], [], []
