@@ -76,8 +76,12 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=None, help="cache size (default 10000, --quick 2000)")
     parser.add_argument("--quick", action="store_true", default=bool(os.environ.get("INFERCACHE_BENCH_QUICK")))
     parser.add_argument("--dir", type=Path, default=None, help="where to build the cache (default: a temp dir)")
+    parser.add_argument("--build-only", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     total = args.entries or (2000 if args.quick else 10000)
+    if args.build_only:
+        print(build(args.build_only, total))
+        return
 
     from infercache.kernels.catalog import Catalog
     from infercache.kernels.indexer import default_workers, index
@@ -87,7 +91,12 @@ def main() -> None:
     try:
         cache = work / "cache"
         t0 = time.perf_counter()
-        made = build(cache, total)
+        # Built in a child process: Triton's compiler leaves ~200 MiB behind, which this
+        # process (like `infercache kernels index`, which never imports Triton) should not carry.
+        made = int(subprocess.run(
+            [sys.executable, __file__, "--build-only", str(cache), "--entries", str(total)],
+            check=True, capture_output=True, text=True,
+        ).stdout.split()[-1])
         print(f"built {made} real Triton entries in {time.perf_counter() - t0:.1f}s under {cache}")
 
         # Flush the build's own writes first: their writeback would otherwise steal a CPU from
