@@ -93,7 +93,7 @@ def build_cache(root: Path, size: int, seed: int = 7) -> tuple[int, int]:
     return count, total
 
 
-def _timed(fn) -> float:  # noqa: ANN001
+def _timed(fn) -> float:
     """Seconds `fn` takes, starting from no dirty pages (so one run's writeback never bills the next)."""
     os.sync()
     start = time.perf_counter()

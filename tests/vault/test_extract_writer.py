@@ -35,7 +35,7 @@ def _members(entries: int = 40) -> list[Member]:
     return out
 
 
-def _extract(tmp: Path, data: bytes, threads: int, **kwargs) -> tuple[Path, dict]:  # noqa: ANN003
+def _extract(tmp: Path, data: bytes, threads: int, **kwargs) -> tuple[Path, dict]:
     staging = tmp / f"staging-{threads}"
     staging.mkdir()
     return staging, extract_layer(io.BytesIO(data), len(data), staging, TOP, threads=threads, **kwargs)
@@ -99,7 +99,7 @@ def test_hard_link_to_a_file_still_queued(tmp_path: Path, no_thread_leak: None) 
 
 
 def test_failure_on_a_writer_thread_is_raised(tmp_path: Path, no_thread_leak: None) -> None:
-    def rewrite(rel: str):  # noqa: ANN202
+    def rewrite(rel: str):
         if rel != "io.triton.cache/K007/f1.bin":
             return None
 
@@ -129,7 +129,7 @@ def test_truncated_member_data(tmp_path: Path, no_thread_leak: None) -> None:
 def test_counting_reader_reads_exactly_across_chunks_and_seeks_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(X, "_CHUNK", 7)
     payload = bytes(range(256)) * 4
-    reader = X._CountingReader(io.BytesIO(payload), len(payload), ExtractLimits())  # noqa: SLF001
+    reader = X._CountingReader(io.BytesIO(payload), len(payload), ExtractLimits())
     assert reader.read(3) == payload[:3]
     assert reader.read(20) == payload[3:23]  # spans several 7-byte pulls
     assert reader.tell() == 23

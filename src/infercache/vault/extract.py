@@ -25,9 +25,10 @@ import os
 import posixpath
 import stat
 import tarfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, BinaryIO
 
 from infercache.errors import InfercacheError
 from infercache.vault.image import open_decompressed
@@ -271,11 +272,11 @@ def _create_file(target: str, data: bytes, rel: str, rewrite: Rewrite | None = N
 class _Worker:
     """One writer thread and its queue of job batches (None = stop)."""
 
-    def __init__(self, owner: "_FileWriter", index: int) -> None:
+    def __init__(self, owner: _FileWriter, index: int) -> None:
         import queue
         import threading
 
-        self.queue: "queue.SimpleQueue[tuple[list[tuple[Any, ...]], int] | None]" = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[tuple[list[tuple[Any, ...]], int] | None] = queue.SimpleQueue()
         self.results: dict[str, ExtractedFile] = {}
         self.batch: list[tuple[Any, ...]] = []
         self.batch_bytes = 0
@@ -467,7 +468,7 @@ def extract_layer(
     members = 0
     try:
         # Mode "r:" on our forward-only reader, not stream mode "r|": see _CountingReader.
-        tar = tarfile.open(fileobj=counting, mode="r:")  # type: ignore[call-overload]
+        tar = tarfile.open(fileobj=counting, mode="r:")  # type: ignore[call-overload]  # noqa: SIM115 - closed below
     except tarfile.TarError as exc:
         writer.close()
         raise UnsafeImageError(f"layer is not a valid tar archive: {exc}") from None
@@ -539,8 +540,8 @@ def extract_layer(
     except BaseException:
         try:
             writer.close(abandon=True)  # never let the caller clean staging with writes in flight
-        except BaseException:  # noqa: BLE001 - the first error is the one to report
-            pass
+        except BaseException as exc:  # noqa: BLE001 - the first error is the one to report
+            logger.debug("writer error after the layer failed: %s", exc)
         raise
     else:
         writer.close()
