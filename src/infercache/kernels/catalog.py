@@ -34,6 +34,8 @@ CATALOG_NAME = "catalog.db"
 BUSY_TIMEOUT_MS = 120_000
 #: WAL pages between checkpoints during bulk writes (32 MiB; SQLite's default is 1000 pages).
 BULK_CHECKPOINT_PAGES = 8192
+#: Rows changed by a bulk run above which it checkpoints at its end.
+BULK_CHECKPOINT_ROWS = 5000
 
 _V1 = """
 CREATE TABLE roots (
@@ -243,12 +245,14 @@ class Catalog:
         each can take as long as parsing a thousand entries.
         """
         previous = self.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        changes = self.conn.total_changes
         self.conn.execute(f"PRAGMA wal_autocheckpoint={BULK_CHECKPOINT_PAGES}")
         try:
             yield
         finally:
             self.conn.execute(f"PRAGMA wal_autocheckpoint={previous}")
-            if not self.conn.in_transaction:
+            # A run that changed little (a re-index) leaves its few pages to the usual checkpoints.
+            if not self.conn.in_transaction and self.conn.total_changes - changes > BULK_CHECKPOINT_ROWS:
                 try:  # PASSIVE: never waits for readers; what it cannot copy now, a later one will
                     self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 except sqlite3.Error as exc:
