@@ -186,26 +186,3 @@ def test_streams_large_files_and_reports_progress(triton_cache: Path, tmp_path: 
     assert peak < 40 << 20, f"peak Python heap {peak} bytes while packing"
     assert calls[-1][0] == calls[-1][1] == result.cache_size
     assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
-
-
-def test_ptx_version_read_from_ptx_files_and_checked_against_driver(oci_image: str) -> None:
-    """Triton 3.9 leaves `ptx_version` null; pack reads it from each `.ptx` so a GPU whose driver
-    cannot JIT that PTX ISA is told so. The LocalGpu objects stand in for NVML (no GPU here)."""
-    from infercache.gpu.detect import LocalGpu
-    from infercache.gpu.targets import GpuTarget
-    from infercache.vault.check import evaluate
-
-    _manifest, _config, labels = _image(oci_image)
-    targets = json.loads(labels["model.cache.image/summary"])["targets"]
-    cuda = [t for t in targets if t["backend"] == "cuda"]
-    assert cuda and all(isinstance(t.get("ptx_version"), int) and t["ptx_version"] >= 60 for t in cuda)
-    assert all("ptx_version" not in t for t in targets if t["backend"] == "hip")
-    ptx = next(t["ptx_version"] for t in cuda if t["arch"] == "90")
-
-    def h100(max_ptx: int) -> LocalGpu:
-        return LocalGpu(0, "NVIDIA H100", GpuTarget.parse("cuda:90"), "550.54", "12.4", max_ptx, "nvml")
-
-    new_driver = evaluate(oci_image, targets, [h100(ptx)], "test")
-    old_driver = evaluate(oci_image, targets, [h100(ptx - 1)], "test")
-    assert new_driver.compatible and not old_driver.compatible
-    assert any("PTX" in r for r in old_driver.gpus[0].reasons), old_driver.gpus[0].reasons

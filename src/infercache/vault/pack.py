@@ -123,24 +123,6 @@ def _entry_files(entry: Any, arcdir: str) -> list[PackFile]:
     return files
 
 
-def _ptx_version(entry: Any) -> int | None:
-    """The entry's PTX ISA version: Triton 3.x leaves it null in the metadata, but the `.ptx`
-    file's `.version` line (within its first lines) always says it, and the vault's GPU check
-    needs it to compare with the driver's maximum."""
-    if entry.ptx_version is not None or entry.backend != "cuda":
-        return entry.ptx_version
-    from infercache.gpu.targets import ptx_version_from_ptx
-
-    for f in entry.files:
-        if f.name.endswith(".ptx"):
-            try:
-                with open(entry.path / f.name, "rb") as handle:
-                    return ptx_version_from_ptx(handle.read(4096).decode("ascii", "replace"))
-            except OSError:
-                return None
-    return None
-
-
 def _record(entry: Any, files: list[PackFile]) -> dict[str, Any]:
     return {
         "key": entry.key,
@@ -152,7 +134,7 @@ def _record(entry: Any, files: list[PackFile]) -> dict[str, Any]:
         "num_warps": entry.num_warps,
         "num_stages": entry.num_stages,
         "num_ctas": entry.num_ctas,
-        "ptx_version": _ptx_version(entry),
+        "ptx_version": entry.ptx_version,
         "triton_version": entry.triton_version,
         "files": [{"name": f.arcname.rsplit("/", 1)[1], "size": f.size} for f in files],
     }
