@@ -356,3 +356,13 @@ def test_tools_run_from_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     _script(bin_dir, "rocm-smi", f'cat "{DATA / "rocm_smi_productname_mi210.txt"}"\n')
     assert [(g.source, str(g.target)) for g in detect_gpus(sources)] == [("rocm-smi", "hip:gfx90a")] * 2
     assert run_tool(["definitely-not-a-gpu-tool"]) is None
+
+
+def test_nvml_values_recorded_on_a_real_h100() -> None:
+    """NVML's answers as read on a real H100 80GB HBM3 (driver 580.159.04, CUDA 13.0), where
+    `infercache gpu --format json` printed target cuda:90, warp 32, max PTX ISA 9.0. The fake
+    module replays those answers: there is no GPU on the machines that run this suite."""
+    gpus = from_nvml(FakeNVML([("NVIDIA H100 80GB HBM3", (9, 0))], driver="580.159.04", cuda=13000))
+    assert gpus == [
+        LocalGpu(0, "NVIDIA H100 80GB HBM3", GpuTarget("cuda", "90", 32), "580.159.04", "13.0", 90, "nvml")
+    ]
