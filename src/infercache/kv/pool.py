@@ -209,6 +209,22 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _check_room(name: str, target: Path, geometry: Any, pools: dict[str, Any], verb: str) -> None:
+    """Refuse, before anything is created, a used name, an existing backing file or too little space."""
+    record = pools.get(name)
+    if record and Path(record["path"]).exists():
+        raise BadInputError(f"pool name {name!r} is already used (backing file {record['path']}); choose another name")
+    if target.exists():
+        raise BadInputError(f"{target} already exists; choose another name or path")
+    avail = _free_space(target.parent)
+    if geometry.file_size > avail:
+        raise BadInputError(
+            f"{verb} {name!r} needs {geometry.file_size} bytes ({format_size(geometry.file_size)}: "
+            f"{format_size(geometry.data_bytes)} data + metadata) but {target.parent} has only "
+            f"{avail} bytes ({format_size(avail)}) free"
+        )
+
+
 def _free_space(directory: Path) -> int:
     st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize
@@ -351,18 +367,7 @@ class Pool:
         geometry = compute_geometry(size_b, bs)
         with registry.locked(data_dir) as reg_file:
             pools = registry.load(data_dir)
-            record = pools.get(name)
-            if record and Path(record["path"]).exists():
-                raise BadInputError(f"pool name {name!r} is already used (backing file {record['path']})")
-            if target.exists():
-                raise BadInputError(f"{target} already exists; choose another name or path")
-            avail = _free_space(target.parent)
-            if geometry.file_size > avail:
-                raise BadInputError(
-                    f"pool {name!r} needs {geometry.file_size} bytes ({format_size(geometry.file_size)}: "
-                    f"{format_size(geometry.data_bytes)} data + metadata) but {target.parent} has only "
-                    f"{avail} bytes ({format_size(avail)}) free"
-                )
+            _check_room(name, target, geometry, pools, "pool")
             pool = cls._build(name, target, geometry, policy, tier, data_dir, None)
             pools[name] = {"path": str(target), "tier": tier, "created": time.time()}
             registry.save(reg_file, pools)
@@ -1668,17 +1673,7 @@ class Pool:
 
             with registry.locked(data_dir) as reg_file:
                 pools = registry.load(data_dir)
-                record = pools.get(name)
-                if record and Path(record["path"]).exists():
-                    raise BadInputError(f"pool name {name!r} is already used; restore with another name")
-                if target.exists():
-                    raise BadInputError(f"{target} already exists; choose another name")
-                avail = _free_space(target.parent)
-                if geometry.file_size > avail:
-                    raise BadInputError(
-                        f"restoring {name!r} needs {geometry.file_size} bytes but {target.parent} has only "
-                        f"{avail} bytes free"
-                    )
+                _check_room(name, target, geometry, pools, "restoring")
                 pool = cls._build(name, target, geometry, policy, tier, data_dir, populate)
                 pools[name] = {"path": str(target), "tier": tier, "created": time.time(), "restored_from": str(source)}
                 registry.save(reg_file, pools)
