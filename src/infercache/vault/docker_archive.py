@@ -34,6 +34,7 @@ from infercache.vault.image import (
     VerifyingReader,
     build_manifest,
     canonical_json,
+    open_archive,
     open_decompressed,
     parse_manifest,
 )
@@ -72,19 +73,7 @@ class DockerArchiveSource:
         if not reference.path:
             raise BadInputError(f"bad docker-archive reference {reference}")
         self._path = Path(reference.path).expanduser()
-        if not self._path.is_file():
-            raise BadInputError(f"{self._path}: no such archive")
-        try:
-            self._tar = tarfile.open(self._path, "r:")
-        except (tarfile.TarError, OSError) as exc:
-            raise BadInputError(f"{self._path} is not a tar archive: {exc}") from None
-        self._members = {}
-        for member in self._tar.getmembers():
-            name = member.name
-            while name.startswith("./"):
-                name = name[2:]
-            if member.isfile():
-                self._members[name] = member
+        self._tar, self._members = open_archive(self._path)
         self._blobs: dict[str, str] = {}  # digest → member name
         self._manifest: tuple[bytes, str] | None = None
 

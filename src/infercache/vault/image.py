@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tarfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
 from infercache.errors import BadInputError, InfercacheError
@@ -279,3 +281,22 @@ def open_decompressed(stream: BinaryIO) -> BinaryIO:
 
         return zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)  # type: ignore[return-value]
     return buffered  # type: ignore[return-value]
+
+
+def open_archive(path: Path) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]:
+    """Open an image archive (oci-archive or docker-archive) in place, with its regular files
+    indexed by name ("./" stripped): blobs are then read straight out of the tar, never extracted."""
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such archive")
+    try:
+        tar = tarfile.open(path, "r:")
+    except (tarfile.TarError, OSError) as exc:
+        raise BadInputError(f"{path} is not a tar archive: {exc}") from None
+    members: dict[str, tarfile.TarInfo] = {}
+    for member in tar.getmembers():
+        name = member.name
+        while name.startswith("./"):
+            name = name[2:]
+        if member.isfile():
+            members[name] = member
+    return tar, members

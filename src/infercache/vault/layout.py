@@ -31,6 +31,7 @@ from infercache.vault.image import (
     REF_NAME_ANNOTATION,
     VerifyingReader,
     canonical_json,
+    open_archive,
     sha256_digest,
 )
 from infercache.vault.transport import DEFAULT_TAG, Descriptor, ImageReference
@@ -132,18 +133,7 @@ class OciLayoutSource(_LayoutReader):
             if not (self._path / "index.json").is_file():
                 raise BadInputError(f"{self._path} is not an OCI image layout (no index.json)")
         else:
-            if not self._path.is_file():
-                raise BadInputError(f"{self._path}: no such archive")
-            try:
-                self._tar = tarfile.open(self._path, "r:")
-            except (tarfile.TarError, OSError) as exc:
-                raise BadInputError(f"{self._path} is not a tar archive: {exc}") from None
-            for member in self._tar.getmembers():
-                name = member.name
-                while name.startswith("./"):
-                    name = name[2:]
-                if member.isfile():
-                    self._members[name] = member
+            self._tar, self._members = open_archive(self._path)
 
     def _open(self, relpath: str) -> BinaryIO:
         if self._tar is not None:
