@@ -9,7 +9,8 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,triton]'
+	$(PY) -m pip install -q 'torch==2.13.0'  # the CPU build; a bare 'torch' would pull a multi-GB CUDA build
+	$(PY) -m pip install -q -e '.[dev,triton,torch,transformers]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -96,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     total = 2_000 if args.quick else 10_000
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    from infercache.kernels.samples import compile_sample
+    from infercache.testing.samples import compile_sample
 
     work = Path(tempfile.mkdtemp(prefix="bench-discovery-"))
     try:

@@ -51,8 +51,8 @@ def warm(cache: Path) -> None:
 
 
 def build(cache: Path, total: int) -> int:
-    from infercache.kernels.replicate import replicate_entry
-    from infercache.kernels.samples import build_sample_cache
+    from infercache.testing.replicate import replicate_entry
+    from infercache.testing.samples import build_sample_cache
     from infercache.kernels.triton_entry import TritonEntry, parse_entry
 
     seed = cache.parent / "seed"

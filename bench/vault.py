@@ -1,7 +1,7 @@
 """Pack + unpack throughput of `infercache vault` next to `tar -czf` / `tar -xzf` of the same tree.
 
 The cache is built from REAL Triton entries (compiled here for cuda:80/90 and
-hip:gfx90a/gfx942 by `infercache.kernels.samples`), replicated under fresh keys
+hip:gfx90a/gfx942 by `infercache.testing.samples`), replicated under fresh keys
 until it reaches --size, with realistic sizes: binaries (cubin/hsaco) grown to
 64 KiB - 1 MiB from their real bytes mixed with random data (real kernel
 binaries compress about 2-3x; all-random or all-repeated data would flatter or
@@ -64,7 +64,7 @@ def _binary(real: bytes, size: int, rng: random.Random) -> bytes:
 
 def build_cache(root: Path, size: int, seed: int = 7) -> tuple[int, int]:
     """Replicate real entries under fresh keys until the tree holds `size` bytes; (entries, bytes)."""
-    from infercache.kernels.samples import build_sample_cache
+    from infercache.testing.samples import build_sample_cache
     from infercache.kernels.triton_entry import TritonEntry, parse_entry
 
     master = root.parent / "master"

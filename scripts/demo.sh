@@ -9,7 +9,7 @@ work=$(mktemp -d -t infercache-demo.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 export INFERCACHE_DATA_DIR="$work/data" TRITON_DEFAULT_FP_FUSION=1
 echo "== compiling sample kernels for cuda:80, cuda:90, hip:gfx90a, hip:gfx942 into $work/cache"
-"$PY" -c "import sys; from infercache.kernels.samples import build_sample_cache; print(len(build_sample_cache(sys.argv[1])), 'entries')" "$work/cache" 2>/dev/null
+"$PY" -c "import sys; from infercache.testing.samples import build_sample_cache; print(len(build_sample_cache(sys.argv[1])), 'entries')" "$work/cache" 2>/dev/null
 IC=("$PY" -m infercache.cli.app)
 export COLUMNS=${COLUMNS:-120}
 echo
@@ -46,7 +46,7 @@ echo "== infercache vault unpack oci:$work/image:demo --target cuda:90 --dest $w
 echo "== Triton at the new location: every unpacked cuda:90 kernel is a cache hit (no compile)"
 "$PY" - "$work/node-cache" <<'PY' 2>/dev/null
 import sys
-from infercache.kernels.samples import SAMPLE_KERNELS, compile_sample
+from infercache.testing.samples import SAMPLE_KERNELS, compile_sample
 hits = [compile_sample(sys.argv[1], k, "cuda:90", num_warps=w).cache_hit for k in SAMPLE_KERNELS for w in (4, 8)]
 print(f"{sum(hits)} of {len(hits)} cuda:90 compiles were cache hits")
 PY

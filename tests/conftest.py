@@ -19,7 +19,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 @pytest.fixture(scope="session")
 def sample_cache_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real Triton cache: 3 kernels × 4 targets (cuda:80/90, hip:gfx90a/gfx942) × num_warps 4/8."""
-    from infercache.kernels.samples import build_sample_cache
+    from infercache.testing.samples import build_sample_cache
 
     root = tmp_path_factory.mktemp("triton-master") / "cache"
     build_sample_cache(root)

@@ -14,7 +14,7 @@ import pytest
 from infercache.errors import InfercacheError
 from infercache.kernels.catalog import SCHEMA_VERSION, Catalog
 from infercache.kernels.query import KernelFilter, query
-from infercache.kernels.replicate import replicate_entry
+from infercache.testing.replicate import replicate_entry
 from tests.kernels.kutil import SAMPLE_ENTRIES, do_index, entries
 
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from infercache.cli.app import app
 from infercache.cli.mcm import app as mcm_app
-from infercache.kernels.samples import compile_sample
+from infercache.testing.samples import compile_sample
 from tests.helpers import run_cli
 from tests.kernels.kutil import SAMPLE_ENTRIES, du, entries
 

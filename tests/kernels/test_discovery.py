@@ -148,7 +148,7 @@ def test_inductor_layout_with_devices(sample_cache_master: Path, tmp_path: Path)
 
 def test_discovered_entries_are_real_triton_hits(sample_cache_master: Path, tmp_path: Path) -> None:
     """The builders' copies are genuine: Triton hits them at their new location (no compile)."""
-    from infercache.kernels.samples import compile_sample
+    from infercache.testing.samples import compile_sample
 
     layout = make_vllm_new(tmp_path / "vllm", sample_cache_master, binary=0)
     (cache,) = _dirs(list(discover(tmp_path / "vllm")))

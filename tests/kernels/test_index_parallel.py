@@ -11,7 +11,7 @@ import pytest
 
 from infercache.kernels import indexer
 from infercache.kernels.catalog import Catalog
-from infercache.kernels.replicate import replicate_entry
+from infercache.testing.replicate import replicate_entry
 from tests.kernels.kutil import SAMPLE_ENTRIES, entries
 
 

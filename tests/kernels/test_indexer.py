@@ -67,7 +67,7 @@ def test_incremental_reads_only_changed_entries(triton_cache: Path, catalog: Cat
 
 def test_new_entries_are_added(triton_cache: Path, catalog: Catalog, tmp_path: Path,
                                sample_cache_master: Path) -> None:
-    from infercache.kernels.samples import compile_sample
+    from infercache.testing.samples import compile_sample
 
     do_index(catalog, triton_cache)
     compile_sample(triton_cache, "add_kernel", "cuda:90", num_warps=2)

@@ -14,8 +14,8 @@ from infercache.errors import BadInputError
 from infercache.kernels.catalog import Catalog
 from infercache.kernels.prune import plan_prune
 from infercache.kernels.query import KernelFilter, query
-from infercache.kernels.replicate import replicate_entry
-from infercache.kernels.samples import DEFAULT_TARGETS, SAMPLE_KERNELS, compile_sample
+from infercache.testing.replicate import replicate_entry
+from infercache.testing.samples import DEFAULT_TARGETS, SAMPLE_KERNELS, compile_sample
 from infercache.kernels.stats import compute_stats
 from infercache.kernels.triton_entry import IR_TYPES, TritonEntry, parse_entry
 from tests.kernels.kutil import SAMPLE_ENTRIES, do_index, du, entries, group_of, set_age

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infercache.kernels.samples import compile_sample
+from infercache.testing.samples import compile_sample
 from infercache.kernels.triton_entry import (
     NotAKernel,
     TritonEntry,

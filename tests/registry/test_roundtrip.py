@@ -78,7 +78,7 @@ def test_acceptance_round_trip_through_registry(registry: Registry, triton_cache
                                                 isolated_gpu_env: None) -> None:
     """Issue 3 acceptance: 4-target cache → pack → push → pull into another dir for cuda:90 →
     only cuda:90 entries, and Triton gets a cache hit for each at the new location."""
-    from infercache.kernels.samples import compile_sample
+    from infercache.testing.samples import compile_sample
     from infercache.vault.pack import pack
     from infercache.vault.unpack import unpack
 

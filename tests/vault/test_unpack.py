@@ -18,7 +18,7 @@ def _leftover_staging(dest: Path) -> list[str]:
 
 def test_acceptance_only_cuda90_extracted_and_triton_hits(oci_image: str, cuda90_keys: set[str], tmp_path: Path) -> None:
     """Real 4-target cache → oci: → unpack --target cuda:90 elsewhere → Triton hits for every kernel there."""
-    from infercache.kernels.samples import SAMPLE_KERNELS, compile_sample
+    from infercache.testing.samples import SAMPLE_KERNELS, compile_sample
 
     dest = tmp_path / "elsewhere" / "cache"
     report = unpack(oci_image, dest, ["cuda:90"])

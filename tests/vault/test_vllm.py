@@ -45,7 +45,7 @@ def test_pack_vllm_cache_labels_and_layout(vllm_root: tuple[Path, int], tmp_path
 def test_unpack_vllm_into_vllm_root_per_entry(
     vllm_root: tuple[Path, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from infercache.kernels.samples import compile_sample
+    from infercache.testing.samples import compile_sample
 
     root, _ = vllm_root
     ref = f"oci:{tmp_path / 'img'}"
