@@ -9,7 +9,8 @@ and `PRAGMA user_version` carries the schema version for migrations.
 Tables: `entries` (one row per Triton kernel entry, all spec fields plus the
 full metadata JSON and the directory signature used by incremental indexing),
 `files` (type, name, size of each file of an entry), `usage` (runtime hits /
-misses / last access keyed by the entry key, so re-indexing never loses them),
+misses / last access / compile time keyed by the entry key, so re-indexing never loses
+them and kernels not indexed yet keep theirs),
 `artifacts` (opaque vLLM binaries), `skipped` (what the last scan found that is
 not a kernel, for `prune --garbage` and the index summary) and `roots` (the
 cache dirs indexed: prune never deletes outside them).
@@ -23,7 +24,7 @@ import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from infercache import paths
 from infercache.errors import InfercacheError
@@ -124,6 +125,11 @@ CREATE TABLE usage (
 );
 """
 
+#: Compile time of the last compile seen by the runtime tracker (Triton's listener, 3.4+).
+_V3_USAGE_COMPILE_TIME = """
+ALTER TABLE usage ADD COLUMN compile_time_s REAL;
+"""
+
 
 def _script(sql: str) -> Callable[[sqlite3.Connection], None]:
     def apply(conn: sqlite3.Connection) -> None:
@@ -135,7 +141,9 @@ def _script(sql: str) -> Callable[[sqlite3.Connection], None]:
 
 
 #: MIGRATIONS[i] takes the schema from version i to i+1. Append, never edit.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_script(_V1), _script(_V2))
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _script(_V1), _script(_V2), _script(_V3_USAGE_COMPILE_TIME),
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -267,6 +275,22 @@ class Catalog:
                 "ON CONFLICT(key) DO UPDATE SET hits = hits + excluded.hits, misses = misses + excluded.misses, "
                 "last_access = max(coalesce(last_access, 0), coalesce(excluded.last_access, 0))",
                 (key, hits, misses, last_access),
+            )
+
+    def record_usage_batch(self, rows: Iterable[tuple[str, int, int, float | None, float | None]]) -> None:
+        """Add many (key, hits, misses, last_access, compile_time_s) in one transaction.
+
+        Why one: the runtime tracker flushes a whole interval's counts at once, so N hits
+        cost one commit, and 8 worker processes queue on the lock rather than thrash it.
+        Keys need no `entries` row: counts of kernels not indexed yet wait here for `index`.
+        """
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO usage(key, hits, misses, last_access, compile_time_s) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET hits = hits + excluded.hits, misses = misses + excluded.misses, "
+                "last_access = max(coalesce(last_access, 0), coalesce(excluded.last_access, 0)), "
+                "compile_time_s = coalesce(excluded.compile_time_s, compile_time_s)",
+                list(rows),
             )
 
     def zero_usage(self, keys: list[str] | None = None) -> int:
