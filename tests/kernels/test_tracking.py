@@ -1,0 +1,162 @@
+"""Runtime hit tracking with real Triton compiles in real processes (no GPU: AOT targets)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from infercache.kernels.catalog import Catalog
+from tests.kernels.kutil import do_index
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _worker(cache: Path, n: int, data_dir: Path, *, start: Path | None = None,
+            **env: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "tests.kernels.tracker_worker", str(cache), str(n)]
+    if start is not None:
+        cmd.append(str(start))
+    full_env = {**os.environ, "INFERCACHE_DATA_DIR": str(data_dir), "TRITON_DEFAULT_FP_FUSION": "1", **env}
+    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return out, err
+
+
+def _usage(data_dir: Path) -> dict[str, tuple[int, int, float | None, float | None]]:
+    with Catalog.open(data_dir) as cat:
+        rows = cat.conn.execute("SELECT key, hits, misses, last_access, compile_time_s FROM usage").fetchall()
+    return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
+
+
+def _add_kernel_key(cache: Path) -> str:
+    from infercache.testing.samples import compile_sample
+
+    return compile_sample(cache, "add_kernel", "cuda:90").key  # a hit: the entry is already there
+
+
+@pytest.mark.slow
+def test_two_processes_exact_counts_then_index_shows_them(tmp_path: Path, data_dir: Path) -> None:
+    """A compiles (1 miss, 2 hits), then B, activated by the env var, hits 3 times: 5 hits, 1 miss."""
+    from infercache.kernels.query import KernelFilter, query
+
+    cache = tmp_path / "cache"
+    _finish(_worker(cache, 3, data_dir, TRACKER_ACTIVATION="install"))
+    _finish(_worker(cache, 3, data_dir, TRACKER_ACTIVATION="env",
+                    TRITON_CACHE_MANAGER="infercache.kernels.tracking:TrackingCacheManager"))
+    key = _add_kernel_key(cache)  # this process does not track: no count from it
+    usage = _usage(data_dir)
+    hits, misses, last_access, compile_time = usage[key]
+    assert (hits, misses) == (5, 1)
+    assert last_access is not None and abs(last_access - time.time()) < 600
+    assert compile_time is not None and compile_time > 0
+    # The counts waited for the entry to be indexed (no entries row existed yet); index joins them.
+    with Catalog.open(data_dir) as cat:
+        assert cat.conn.execute("SELECT count(*) FROM entries").fetchone()[0] == 0
+        do_index(cat, cache)
+        (record,) = query(cat, KernelFilter(name="add_kernel"))
+        assert (record.hits, record.misses) == (5, 1)
+        assert query(cat, KernelFilter(hits_lower=1)) == []  # row_sum_kernel was hit too
+
+
+@pytest.mark.slow
+def test_eight_processes_at_once_lose_no_counts(triton_cache: Path, data_dir: Path, tmp_path: Path) -> None:
+    """8 trackers flushing every 20 ms into one catalog: every hit lands, nobody sees a lock error."""
+    start = tmp_path / "go"
+    procs = [_worker(triton_cache, 25, data_dir, start=start, TRACKER_FLUSH_S="0.02", TRACKER_LINGER_S="0.2")
+             for _ in range(8)]
+    time.sleep(0.5)
+    start.touch()
+    for proc in procs:
+        out, err = _finish(proc)
+        assert "hits=25" in out
+        assert "WARNING" not in err and "locked" not in err, err
+    key = _add_kernel_key(triton_cache)
+    assert _usage(data_dir)[key][:2] == (200, 0)
+
+
+@pytest.fixture()
+def read_only_catalog(data_dir: Path) -> Iterator[Path]:
+    """A catalog that exists but cannot be written: chattr +i as root (root ignores modes), else chmod."""
+    Catalog.open(data_dir).close()
+    db = data_dir / "catalog.db"
+    for extra in ("catalog.db-wal", "catalog.db-shm"):
+        (data_dir / extra).unlink(missing_ok=True)
+    if os.geteuid() == 0:
+        chattr = shutil.which("chattr")
+        if chattr is None or subprocess.run([chattr, "+i", str(db), str(data_dir)]).returncode != 0:
+            pytest.skip("root and no immutable attribute here: cannot make the catalog read-only")
+        try:
+            yield data_dir
+        finally:
+            subprocess.run([chattr, "-i", str(db), str(data_dir)], check=True)
+    else:
+        db.chmod(0o444)
+        data_dir.chmod(0o555)
+        try:
+            yield data_dir
+        finally:
+            data_dir.chmod(0o755)
+            db.chmod(0o644)
+
+
+@pytest.mark.parametrize("kind", ["read-only", "cannot-create"])
+def test_unwritable_catalog_kernels_still_load_one_warning(
+    kind: str, triton_cache: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if kind == "read-only":
+        data = request.getfixturevalue("read_only_catalog")
+    else:
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        data = blocker / "data"  # mkdir fails: NotADirectoryError
+    out, err = _finish(_worker(triton_cache, 4, data, TRACKER_FLUSH_S="0.05", TRACKER_LINGER_S="0.3"))
+    assert "hits=4" in out  # every lookup still found its kernel
+    warnings = [line for line in err.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1, err
+    assert "cannot record kernel cache hits" in warnings[0]
+
+
+def test_listener_chained_and_dump_override_managers_not_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 data_dir: Path) -> None:
+    """install() keeps the user's compile listener; Triton's compile times land in the catalog."""
+    import triton
+
+    from infercache.kernels import tracking
+    from tests.kernels.warm_kernels import compile_direct
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRITON_DUMP_DIR", str(tmp_path / "dump"))
+    seen: list[bool] = []
+
+    def user_listener(*, cache_hit: bool, **_: object) -> None:
+        seen.append(cache_hit)
+
+    previous = triton.knobs.compilation.listener
+    triton.knobs.compilation.listener = user_listener
+    tracking.install()
+    try:
+        first = compile_direct("cuda:80")
+        second = compile_direct("cuda:80")
+        tracking.TrackingCacheManager(first.key, dump=True).get_group("x.json")  # not the cache: not counted
+        pending = tracking.pending()
+        assert pending[first.key][:2] == (1, 1)
+        assert tracking.flush()
+    finally:
+        tracking.uninstall()
+        triton.knobs.compilation.listener = previous
+    assert seen == [False, True]
+    assert first.key == second.key
+    hits, misses, _, compile_time = _usage(data_dir)[first.key]
+    assert (hits, misses) == (1, 1) and compile_time is not None and compile_time > 0
+    assert triton.knobs.cache.manager_class is None and "TRITON_CACHE_MANAGER" not in os.environ
