@@ -209,6 +209,6 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[R
 @pytest.fixture()
 def fresh_blob_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """Forget which repositories this process saw blobs in (no cross-repo mounts from earlier tests)."""
-    import infercache.vault.registry as reg
+    import infercache.vault.registry_client as client
 
-    monkeypatch.setattr(reg, "_SEEN_BLOBS", {})
+    monkeypatch.setattr(client, "_SEEN_BLOBS", {})

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from infercache.vault.auth import AuthenticationError, lookup_credentials
-from infercache.vault.registry import RegistryError, RegistrySource, RetryPolicy
-from infercache.vault.transport import ImageReference, RegistryOptions
+from infercache.vault.reference import ImageReference, RegistryOptions
+from infercache.vault.registry import RegistrySource
+from infercache.vault.registry_http import RegistryError, RetryPolicy
 from tests.registry.conftest import PASSWORD, USER, Registry, make_tiny_layout, skopeo
 from tests.registry.proxy import FaultyProxy
 from tests.registry.test_transport import pull_all, push_layout
@@ -147,9 +148,9 @@ def test_no_tls_verify_and_ca_bundle(tls_registry: Registry, tmp_path: Path, mon
 def test_plain_http_only_on_loopback_or_when_allowed(registry: Registry, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Were the plain-HTTP registry not on loopback, default settings would refuse it."""
-    import infercache.vault.registry as reg
+    import infercache.vault.registry_client as client
 
-    monkeypatch.setattr(reg, "_is_loopback", lambda host: False)
+    monkeypatch.setattr(client, "is_loopback", lambda host: False)
     layout = make_tiny_layout(tmp_path / "img")
     with pytest.raises(RegistryError, match="does not speak HTTPS.*--no-tls-verify"):
         push_layout(layout, "v1", registry.ref("tls/plain", "v1"))

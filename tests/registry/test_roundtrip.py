@@ -42,7 +42,7 @@ def test_pack_push_is_reproducible(registry: Registry, triton_cache: Path, tmp_p
     raw = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", registry.ref("cache/docker", "v1")).stdout)
     assert raw["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="infercache.vault.registry"):
+    with caplog.at_level(logging.INFO, logger="infercache.vault"):  # registry and registry_client
         again = pack(triton_cache, registry.ref("cache/docker", "v2"), fmt="docker")
     assert again.digest == pushed.digest
     skipped = [r for r in caplog.records if "skipping" in r.getMessage()]
@@ -156,7 +156,7 @@ def test_copy_within_a_registry_mounts_blobs(registry: Registry, triton_cache: P
     info = json.loads(skopeo("inspect", "--tls-verify=false", registry.ref("mount/dst", "v1")).stdout)
     assert info["Labels"]["model.cache.image/type"] == "triton"
     from infercache.vault.registry import RegistrySource
-    from infercache.vault.transport import Descriptor, ImageReference
+    from infercache.vault.reference import Descriptor, ImageReference
 
     src = RegistrySource(ImageReference.parse(registry.ref("mount/dst", "v1")))
     layer = Descriptor.from_json(json.loads(src.get_manifest()[0])["layers"][0])

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from infercache.errors import InfercacheError
-from infercache.vault.registry import (
-    OCI_INDEX, RegistryDestination, RegistryError, RegistrySource,
-)
-from infercache.vault.transport import Descriptor, ImageReference
+from infercache.vault.image import OCI_INDEX
+from infercache.vault.reference import Descriptor, ImageReference
+from infercache.vault.registry import RegistryDestination, RegistrySource
+from infercache.vault.registry_http import RegistryError
 from tests.registry.conftest import Registry, make_tiny_layout, skopeo
 
 
@@ -115,9 +115,9 @@ def test_non_seekable_stream_is_spooled(registry: Registry, tmp_path: Path, fres
     src = RegistrySource(ImageReference.parse(registry.ref("ours/src", "v1")))
     dest = RegistryDestination(ImageReference.parse(registry.ref("ours/dst", "v1")))
     raw, media = src.get_manifest()
-    import infercache.vault.registry as reg
+    import infercache.vault.registry_client as client
 
-    reg._SEEN_BLOBS.clear()  # no cross-repo mount: this test is about streaming the bytes
+    client._SEEN_BLOBS.clear()  # no cross-repo mount: this test is about streaming the bytes
     manifest = json.loads(raw)
     for item in [manifest["config"], *manifest["layers"]]:
         desc = Descriptor.from_json(item)

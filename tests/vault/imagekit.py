@@ -117,7 +117,8 @@ def build_image(layout: Path, layer: bytes, *, compression: str = "gzip", tag: s
 
 def read_layer(ref: str) -> dict[str, tuple[tarfile.TarInfo, bytes | None]]:
     """Every member of the image's single layer (decompressed by sniffing), via our own source."""
-    from infercache.vault.image import load_image, open_decompressed
+    from infercache.vault.archive import open_decompressed
+    from infercache.vault.image import load_image
     from infercache.vault.transport import open_source
 
     source = open_source(ref)

@@ -15,7 +15,8 @@ from infercache.errors import BadInputError
 from infercache.kernels.triton_entry import TritonEntry, parse_entry
 from infercache.vault.image import DOCKER_CONFIG, build_manifest, layer_media_type, load_image
 from infercache.vault.pack import pack
-from infercache.vault.transport import Descriptor, open_source
+from infercache.vault.reference import Descriptor
+from infercache.vault.transport import open_source
 from tests.vault.imagekit import read_layer
 
 

@@ -285,7 +285,7 @@ class RegistryAuth:
         try:
             reply = self._session.get(
                 challenge.realm, params=params, headers=headers, verify=self._verify, timeout=(15, 60),
-                auth=_NO_NETRC,
+                auth=NO_NETRC,
             )
         except requests.RequestException as exc:
             raise AuthenticationError(f"cannot reach token service of {self._registry}: {type(exc).__name__}") from None
@@ -319,4 +319,4 @@ def _no_netrc(request: Any) -> Any:
     return request
 
 
-_NO_NETRC = _no_netrc
+NO_NETRC = _no_netrc

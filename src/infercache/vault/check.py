@@ -11,9 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from infercache.errors import BadInputError
+from infercache.gpu import detect
+from infercache.gpu.compat import check_compatible, installed_triton_version
+from infercache.gpu.targets import GpuTarget
 from infercache.vault.image import config_labels, load_image
 from infercache.vault.labels import summary_targets
-from infercache.vault.transport import ImageReference, RegistryOptions, open_source
+from infercache.vault.reference import ImageReference, RegistryOptions
+from infercache.vault.transport import open_source
 
 
 @dataclass(frozen=True)
@@ -69,13 +73,9 @@ class CheckResult:
 
 def local_targets(targets: Sequence[str] | None) -> tuple[list[Any], str]:
     """`--target` values parsed (BadInputError on a bad one), else the detected GPUs."""
-    from infercache.gpu.targets import GpuTarget
-
     if targets:
         return [GpuTarget.parse(t) for t in targets], "targets"
-    from infercache.gpu.detect import detect_gpus
-
-    return list(detect_gpus()), "detected"
+    return list(detect.detect_gpus()), "detected"
 
 
 def describe(gpu: Any) -> tuple[str, Any]:
@@ -89,9 +89,6 @@ def describe(gpu: Any) -> tuple[str, Any]:
 
 def evaluate(reference: str, image_targets: Sequence[dict[str, Any]], gpus: Sequence[Any], source: str) -> CheckResult:
     """Verdict per GPU: compatible with at least one image target; otherwise every target's reasons."""
-    from infercache.gpu.compat import check_compatible, installed_triton_version
-    from infercache.gpu.targets import GpuTarget
-
     targets = tuple(image_targets)
     if not gpus:
         return CheckResult(reference, False, (), targets,

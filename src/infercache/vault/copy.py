@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from infercache.vault.image import parse_manifest, to_oci_manifest
-from infercache.vault.transport import ImageReference, RegistryOptions, open_destination, open_source
+from infercache.vault.reference import ImageReference, RegistryOptions
+from infercache.vault.transport import open_destination, open_source
 
 logger = logging.getLogger(__name__)
 

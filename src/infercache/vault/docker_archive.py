@@ -19,40 +19,28 @@ import logging
 import os
 import tarfile
 import tempfile
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from infercache.errors import BadInputError, InfercacheError
+from infercache.vault.archive import GZIP_MAGIC, is_compressed, open_archive, open_decompressed
 from infercache.vault.image import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
     DOCKER_LAYER_TAR,
-    GZIP_MAGIC,
     MAX_DOCUMENT_BYTES,
     OCI_CONFIG,
-    ZSTD_MAGIC,
     VerifyingReader,
     build_manifest,
     canonical_json,
-    open_archive,
-    open_decompressed,
+    parse_document,
     parse_manifest,
+    sha256_digest,
 )
-from infercache.vault.transport import DEFAULT_TAG, Descriptor, ImageReference
+from infercache.vault.reference import DEFAULT_TAG, Descriptor, ImageReference, RegistryOptions, familiar_name
 
 logger = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 _CONFIG_TYPES = (OCI_CONFIG, DOCKER_CONFIG)
-
-
-def _normal_tag(tag: str) -> str:
-    """`docker.io/library/x:t` and `x:t` name the same image (skopeo writes the long form)."""
-    for prefix in ("docker.io/", "index.docker.io/"):
-        if tag.startswith(prefix):
-            tag = tag[len(prefix):]
-    if tag.startswith("library/"):
-        tag = tag[len("library/"):]
-    return tag
 
 
 def _repo_tag(reference: ImageReference) -> str | None:
@@ -68,20 +56,18 @@ def _repo_tag(reference: ImageReference) -> str | None:
 class DockerArchiveSource:
     """Reads one image from a docker-archive tar without extracting it."""
 
-    def __init__(self, reference: ImageReference) -> None:
+    def __init__(self, reference: ImageReference, options: RegistryOptions | None = None) -> None:
         self.reference = reference
-        if not reference.path:
-            raise BadInputError(f"bad docker-archive reference {reference}")
-        self._path = Path(reference.path).expanduser()
+        self._path = reference.local_path()
         self._tar, self._members = open_archive(self._path)
         self._blobs: dict[str, str] = {}  # digest → member name
         self._manifest: tuple[bytes, str] | None = None
 
-    def _read_member(self, name: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
+    def _read_member(self, name: str) -> bytes:
         member = self._members.get(name)
         if member is None:
             raise InfercacheError(f"{self.reference}: {name} is missing from the archive")
-        if member.size > limit:
+        if member.size > MAX_DOCUMENT_BYTES:
             raise BadInputError(f"{self.reference}: {name} is too large")
         handle = self._tar.extractfile(member)
         assert handle is not None
@@ -99,16 +85,13 @@ class DockerArchiveSource:
     def get_manifest(self) -> tuple[bytes, str]:
         if self._manifest is not None:
             return self._manifest
-        try:
-            entries = json.loads(self._read_member("manifest.json"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadInputError(f"{self.reference}: manifest.json is not valid JSON: {exc}") from None
+        entries = parse_document(self._read_member("manifest.json"), f"{self.reference}: manifest.json")
         if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
             raise BadInputError(f"{self.reference}: manifest.json holds no image")
         wanted = _repo_tag(self.reference)
         if wanted:
             chosen = [e for e in entries
-                      if _normal_tag(wanted) in {_normal_tag(str(t)) for t in (e.get("RepoTags") or [])}]
+                      if familiar_name(wanted) in {familiar_name(str(t)) for t in (e.get("RepoTags") or [])}]
             if not chosen:
                 raise BadInputError(f"{self.reference}: no image named {wanted}")
             entry = chosen[0]
@@ -121,7 +104,7 @@ class DockerArchiveSource:
         if config_name not in self._members or not isinstance(layers, list):
             raise BadInputError(f"{self.reference}: manifest.json names a missing config or no layers")
         config_raw = self._read_member(config_name)
-        config_digest = "sha256:" + hashlib.sha256(config_raw).hexdigest()
+        config_digest = sha256_digest(config_raw)
         self._blobs[config_digest] = config_name
         try:
             config = json.loads(config_raw)
@@ -137,9 +120,8 @@ class DockerArchiveSource:
             handle = self._tar.extractfile(member)
             assert handle is not None
             head = handle.read(4)
-            compressed = head.startswith(GZIP_MAGIC) or head == ZSTD_MAGIC
             # An uncompressed layer's digest is its diff ID; it is verified whenever it is read.
-            if not compressed and i < len(diff_ids) and isinstance(diff_ids[i], str):
+            if not is_compressed(head) and i < len(diff_ids) and isinstance(diff_ids[i], str):
                 digest = diff_ids[i]
             else:
                 digest = self._hash_member(layer_name)
@@ -169,11 +151,9 @@ class DockerArchiveSource:
 class DockerArchiveDestination:
     """Writes one image as a docker-archive tar: appended to a temp file, renamed in close()."""
 
-    def __init__(self, reference: ImageReference) -> None:
+    def __init__(self, reference: ImageReference, options: RegistryOptions | None = None) -> None:
         self.reference = reference
-        if not reference.path:
-            raise BadInputError(f"bad docker-archive reference {reference}")
-        self._target = Path(reference.path).expanduser()
+        self._target = reference.local_path()
         self._repo_tag = _repo_tag(reference)
         if not self._target.parent.is_dir():
             raise BadInputError(f"{self._target.parent}: no such directory")

@@ -10,13 +10,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
 from infercache.errors import BadInputError, InfercacheError
-from infercache.vault.transport import Descriptor, ImageSource
+from infercache.vault.reference import Descriptor, ImageSource
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -34,11 +32,9 @@ MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
 
-#: Manifests and configs are small JSON; anything bigger is hostile or not an image.
-MAX_DOCUMENT_BYTES = 8 << 20
-
-GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+#: Manifests, indexes and configs are small JSON; anything bigger is hostile or not an image.
+#: 4 MiB is what registries themselves accept for a manifest, so a bigger one could never be pushed.
+MAX_DOCUMENT_BYTES = 4 << 20
 
 
 def sha256_digest(data: bytes) -> str:
@@ -81,16 +77,27 @@ class ImageManifest:
         return self.media_type == DOCKER_MANIFEST
 
 
+def parse_document(raw: bytes, what: str) -> Any:
+    """A small JSON document (manifest, index, config) read from an untrusted source: size-capped, then parsed."""
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise BadInputError(f"{what} is too large ({len(raw)} bytes > {MAX_DOCUMENT_BYTES})")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{what} is not valid JSON: {exc}") from None
+
+
+def parse_object(raw: bytes, what: str) -> dict[str, Any]:
+    """:func:`parse_document` for documents that must be a JSON object."""
+    data = parse_document(raw, what)
+    if not isinstance(data, dict):
+        raise BadInputError(f"{what} is not a JSON object")
+    return data
+
+
 def parse_manifest(raw: bytes, media_type: str | None = None) -> ImageManifest:
     """Parse an image manifest; an index or anything else is a clear error."""
-    if len(raw) > MAX_DOCUMENT_BYTES:
-        raise BadInputError(f"image manifest is too large ({len(raw)} bytes)")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"image manifest is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BadInputError("image manifest is not a JSON object")
+    data = parse_object(raw, "image manifest")
     mt = str(data.get("mediaType") or media_type or OCI_MANIFEST)
     if mt in INDEX_TYPES:
         raise BadInputError(f"expected an image manifest, got an index ({mt})")
@@ -219,10 +226,10 @@ class VerifyingReader(io.RawIOBase):
             super().close()
 
 
-def read_blob_bytes(source: ImageSource, descriptor: Descriptor, what: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
-    """A small blob (config, manifest.json) read whole and verified."""
-    if descriptor.size > limit:
-        raise BadInputError(f"{what} is too large ({descriptor.size} bytes > {limit})")
+def read_blob_bytes(source: ImageSource, descriptor: Descriptor, what: str) -> bytes:
+    """A small blob (manifest, config) read whole and verified: the one reader for documents by digest."""
+    if descriptor.size > MAX_DOCUMENT_BYTES:
+        raise BadInputError(f"{what} {descriptor.digest} is too large ({descriptor.size} bytes > {MAX_DOCUMENT_BYTES})")
     reader = VerifyingReader(source.open_blob(descriptor), descriptor, what)
     try:
         data = reader.read()
@@ -234,14 +241,7 @@ def read_blob_bytes(source: ImageSource, descriptor: Descriptor, what: str, limi
 
 def read_config(source: ImageSource, manifest: ImageManifest) -> dict[str, Any]:
     """The image config JSON (verified against the manifest's descriptor)."""
-    raw = read_blob_bytes(source, manifest.config, "config")
-    try:
-        config = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"image config is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise BadInputError("image config is not a JSON object")
-    return config
+    return parse_object(read_blob_bytes(source, manifest.config, "config"), "image config")
 
 
 def config_labels(config: Mapping[str, Any]) -> dict[str, str]:
@@ -258,45 +258,3 @@ def load_image(source: ImageSource) -> tuple[ImageManifest, dict[str, Any]]:
     raw, media_type = source.get_manifest()
     manifest = parse_manifest(raw, media_type)
     return manifest, read_config(source, manifest)
-
-
-_READ_CHUNK = 1 << 20
-
-
-def open_decompressed(stream: BinaryIO) -> BinaryIO:
-    """A reader of the plain tar inside `stream`, whatever the compression (sniffed, not trusted)."""
-    buffered = stream if isinstance(stream, io.BufferedReader) else io.BufferedReader(stream, _READ_CHUNK)  # type: ignore[arg-type]
-    head = buffered.peek(4)[:4]
-    if head.startswith(GZIP_MAGIC):
-        try:
-            from isal import igzip
-
-            return igzip.IGzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
-        except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
-            import gzip
-
-            return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
-    if head == ZSTD_MAGIC:
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)  # type: ignore[return-value]
-    return buffered  # type: ignore[return-value]
-
-
-def open_archive(path: Path) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]:
-    """Open an image archive (oci-archive or docker-archive) in place, with its regular files
-    indexed by name ("./" stripped): blobs are then read straight out of the tar, never extracted."""
-    if not path.is_file():
-        raise BadInputError(f"{path}: no such archive")
-    try:
-        tar = tarfile.open(path, "r:")
-    except (tarfile.TarError, OSError) as exc:
-        raise BadInputError(f"{path} is not a tar archive: {exc}") from None
-    members: dict[str, tarfile.TarInfo] = {}
-    for member in tar.getmembers():
-        name = member.name
-        while name.startswith("./"):
-            name = name[2:]
-        if member.isfile():
-            members[name] = member
-    return tar, members

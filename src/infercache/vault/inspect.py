@@ -6,7 +6,8 @@ from typing import Any
 
 from infercache.vault.image import config_labels, load_image
 from infercache.vault.labels import LABEL_COMPONENTS, LABEL_ENTRY_COUNT, LABEL_SIZE, LABEL_TYPE, summary_targets
-from infercache.vault.transport import ImageReference, RegistryOptions, open_source
+from infercache.vault.reference import ImageReference, RegistryOptions
+from infercache.vault.transport import open_source
 
 
 def inspect_image(reference: str | ImageReference, options: RegistryOptions | None = None) -> dict[str, Any]:

@@ -1,23 +1,19 @@
-"""The `oci:` (image layout directory) and `oci-archive:` (that directory as a tar) transports.
+"""The `oci:` transport: an OCI image layout directory (`oci_archive` is the same layout as a tar).
 
 No maintained Python library writes OCI image layouts (see the OCI reference
 notes), so this is ours; it follows the image-layout spec: `oci-layout`,
 `index.json` with `org.opencontainers.image.ref.name` tags, `blobs/sha256/<hex>`.
 
 Writes are crash-safe: each blob lands under a temp name and is renamed after its
-digest checks out; `index.json` is replaced atomically (the commit point); an
-archive is written to a temp file beside the target and renamed in `close()`.
-Reading an archive never extracts it: blobs are streamed straight out of the tar.
+digest checks out; `index.json` is replaced atomically (the commit point).
 """
 
 from __future__ import annotations
 
-import json
+import io
 import logging
 import os
 import shutil
-import tarfile
-import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -31,10 +27,11 @@ from infercache.vault.image import (
     REF_NAME_ANNOTATION,
     VerifyingReader,
     canonical_json,
-    open_archive,
+    parse_document,
+    read_blob_bytes,
     sha256_digest,
 )
-from infercache.vault.transport import DEFAULT_TAG, Descriptor, ImageReference
+from infercache.vault.reference import DEFAULT_TAG, Descriptor, ImageReference, RegistryOptions
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +40,10 @@ OCI_LAYOUT_CONTENT = b'{"imageLayoutVersion":"1.0.0"}'
 _COPY_CHUNK = 1 << 20
 
 
-def _blob_relpath(digest: str) -> str:
+def blob_relpath(digest: str) -> str:
+    """Where a layout keeps a blob: `blobs/<algorithm>/<hex>`."""
     algo, _, hexpart = digest.partition(":")
     return f"blobs/{algo}/{hexpart}"
-
-
-def _parse_json_doc(raw: bytes, what: str) -> Any:
-    if len(raw) > MAX_DOCUMENT_BYTES:
-        raise BadInputError(f"{what} is too large")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"{what} is not valid JSON: {exc}") from None
 
 
 def select_manifest(index: Any, tag: str | None, where: str) -> Descriptor:
@@ -78,121 +67,82 @@ def select_manifest(index: Any, tag: str | None, where: str) -> Descriptor:
     raise BadInputError(f"{where}: the layout holds {len(descriptors)} images; name one with :TAG")
 
 
-class _LayoutReader:
-    """Shared logic: resolve index → (possibly nested index →) image manifest."""
+class LayoutReader:
+    """What both layout sources share: index.json → (nested index →) one image manifest, blobs by path.
+
+    Subclasses say how a path inside the layout is opened (a file, or a tar member).
+    """
 
     reference: ImageReference
-
-    def _read(self, relpath: str, limit: int | None = None) -> bytes:
-        raise NotImplementedError
 
     def _open(self, relpath: str) -> BinaryIO:
         raise NotImplementedError
 
     def get_manifest(self) -> tuple[bytes, str]:
         where = str(self.reference)
-        index = _parse_json_doc(self._read("index.json", MAX_DOCUMENT_BYTES), f"{where}: index.json")
+        with self._open("index.json") as handle:
+            index = parse_document(handle.read(MAX_DOCUMENT_BYTES + 1), f"{where}: index.json")
         desc = select_manifest(index, self.reference.tag, where)
         for _ in range(4):  # nested indexes: follow the first image manifest
-            raw = self._read_verified(desc, "manifest")
+            raw = read_blob_bytes(self, desc, "manifest")
             if desc.media_type in INDEX_TYPES or (not desc.media_type and b'"manifests"' in raw):
-                nested = _parse_json_doc(raw, f"{where}: nested index")
-                desc = select_manifest(nested, None, where)
+                desc = select_manifest(parse_document(raw, f"{where}: nested index"), None, where)
                 continue
-            doc = _parse_json_doc(raw, f"{where}: manifest")
+            doc = parse_document(raw, f"{where}: manifest")
             media_type = desc.media_type or (doc.get("mediaType") if isinstance(doc, dict) else None) or OCI_MANIFEST
             return raw, str(media_type)
         raise BadInputError(f"{where}: indexes nested too deeply")
 
-    def _read_verified(self, desc: Descriptor, what: str) -> bytes:
-        if desc.size > MAX_DOCUMENT_BYTES:
-            raise BadInputError(f"{what} {desc.digest} is too large")
-        reader = VerifyingReader(self._open(_blob_relpath(desc.digest)), desc, what)
-        try:
-            data = reader.read()
-            reader.verify_to_end()
-        finally:
-            reader.close()
-        return data
-
     def open_blob(self, descriptor: Descriptor) -> BinaryIO:
-        return self._open(_blob_relpath(descriptor.digest))
+        return self._open(blob_relpath(descriptor.digest))
 
 
-class OciLayoutSource(_LayoutReader):
-    """Reads an image from an OCI layout directory, or from an `oci-archive:` tar without extracting it."""
+class OciLayoutSource(LayoutReader):
+    """Reads an image from an OCI layout directory."""
 
-    def __init__(self, reference: ImageReference) -> None:
+    def __init__(self, reference: ImageReference, options: RegistryOptions | None = None) -> None:
         self.reference = reference
-        if reference.transport not in ("oci", "oci-archive") or not reference.path:
-            raise BadInputError(f"not an oci:/oci-archive: reference: {reference}")
-        self._path = Path(reference.path).expanduser()
-        self._tar: tarfile.TarFile | None = None
-        self._members: dict[str, tarfile.TarInfo] = {}
-        if reference.transport == "oci":
-            if not (self._path / "index.json").is_file():
-                raise BadInputError(f"{self._path} is not an OCI image layout (no index.json)")
-        else:
-            self._tar, self._members = open_archive(self._path)
+        self._path = reference.local_path()
+        if not (self._path / "index.json").is_file():
+            raise BadInputError(f"{self._path} is not an OCI image layout (no index.json)")
 
     def _open(self, relpath: str) -> BinaryIO:
-        if self._tar is not None:
-            member = self._members.get(relpath)
-            if member is None:
-                raise InfercacheError(f"{self.reference}: {relpath} is missing from the archive")
-            handle = self._tar.extractfile(member)
-            assert handle is not None
-            return handle  # type: ignore[return-value]
         path = self._path / relpath
         if path.is_symlink() or not path.is_file():
             raise InfercacheError(f"{self.reference}: {relpath} is missing")
         return open(path, "rb")
 
-    def _read(self, relpath: str, limit: int | None = None) -> bytes:
-        with self._open(relpath) as handle:
-            data = handle.read((limit or MAX_DOCUMENT_BYTES) + 1)
-        return data
-
     def close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
+        pass
 
 
 class OciLayoutDestination:
-    """Writes an image into an OCI layout directory, or an `oci-archive:` tar (written in close())."""
+    """Writes an image into an OCI layout directory (a subclass stages an archive in one)."""
 
-    def __init__(self, reference: ImageReference) -> None:
+    def __init__(self, reference: ImageReference, options: RegistryOptions | None = None) -> None:
         self.reference = reference
-        if reference.transport not in ("oci", "oci-archive") or not reference.path:
-            raise BadInputError(f"not an oci:/oci-archive: reference: {reference}")
-        self._target = Path(reference.path).expanduser()
         self._tag = reference.tag or DEFAULT_TAG
         self._committed = False
         self._closed = False
         self._new_blobs: list[Path] = []
         self._created_dir = False
-        if reference.transport == "oci":
-            self._root = self._target
-            if self._root.exists() and not self._root.is_dir():
-                raise BadInputError(f"{self._root} exists and is not a directory")
-            if self._root.is_dir() and any(self._root.iterdir()) and not (self._root / OCI_LAYOUT_FILE).is_file():
-                raise BadInputError(f"{self._root} is a non-empty directory that is not an OCI layout")
-            if not self._root.exists():
-                self._root.mkdir(parents=True)
-                self._created_dir = True
-        else:
-            parent = self._target.parent
-            if not parent.is_dir():
-                raise BadInputError(f"{parent}: no such directory")
-            if self._target.is_dir():
-                raise BadInputError(f"{self._target} is a directory, expected an archive file name")
-            # Staged as a layout beside the target (same filesystem), tarred in close().
-            self._root = Path(tempfile.mkdtemp(prefix=f".{self._target.name}.", suffix=".tmp", dir=parent))
+        self._root = self._make_root(reference)
         (self._root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
 
+    def _make_root(self, reference: ImageReference) -> Path:
+        """The layout directory to write into, checked (and created when new)."""
+        root = reference.local_path()
+        if root.exists() and not root.is_dir():
+            raise BadInputError(f"{root} exists and is not a directory")
+        if root.is_dir() and any(root.iterdir()) and not (root / OCI_LAYOUT_FILE).is_file():
+            raise BadInputError(f"{root} is a non-empty directory that is not an OCI layout")
+        if not root.exists():
+            root.mkdir(parents=True)
+            self._created_dir = True
+        return root
+
     def _blob_path(self, digest: str) -> Path:
-        return self._root / _blob_relpath(digest)
+        return self._root / blob_relpath(digest)
 
     def has_blob(self, descriptor: Descriptor) -> bool:
         path = self._blob_path(descriptor.digest)
@@ -240,13 +190,11 @@ class OciLayoutDestination:
         digest = sha256_digest(manifest)
         desc = Descriptor(media_type, digest, len(manifest))
         if not self.has_blob(desc):
-            import io
-
             self.put_blob(desc, io.BytesIO(manifest))
         index_path = self._root / "index.json"
         index: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
         if index_path.is_file():
-            existing = _parse_json_doc(index_path.read_bytes(), f"{index_path}")
+            existing = parse_document(index_path.read_bytes(), f"{index_path}")
             if isinstance(existing, dict) and isinstance(existing.get("manifests"), list):
                 index = existing
         kept = [
@@ -268,13 +216,6 @@ class OciLayoutDestination:
         if self._closed:
             return
         self._closed = True
-        if self.reference.transport == "oci-archive":
-            try:
-                if self._committed:
-                    _write_tar_of_dir(self._root, self._target)
-            finally:
-                shutil.rmtree(self._root, ignore_errors=True)
-            return
         if not self._committed:
             for blob in self._new_blobs:
                 try:
@@ -283,28 +224,3 @@ class OciLayoutDestination:
                     pass
             if self._created_dir:
                 shutil.rmtree(self._root, ignore_errors=True)
-
-
-def _write_tar_of_dir(root: Path, target: Path) -> None:
-    """Tar `root`'s contents (sorted, fixed owners and times) into `target` via temp + rename."""
-    with atomic_file(target, mode=0o644, fsync=False) as out:
-        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for dirpath, dirnames, filenames in os.walk(root):
-                dirnames.sort()
-                rel_dir = os.path.relpath(dirpath, root)
-                if rel_dir != ".":
-                    dinfo = tarfile.TarInfo(rel_dir)
-                    dinfo.type = tarfile.DIRTYPE
-                    dinfo.mode = 0o755
-                    dinfo.mtime = 0
-                    tar.addfile(dinfo)
-                for name in sorted(filenames):
-                    full = os.path.join(dirpath, name)
-                    arcname = name if rel_dir == "." else f"{rel_dir}/{name}"
-                    info = tar.gettarinfo(full, arcname)
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    info.mtime = 0
-                    info.mode = 0o644
-                    with open(full, "rb") as handle:
-                        tar.addfile(info, handle)

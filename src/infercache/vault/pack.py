@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from infercache.errors import BadInputError, InfercacheError
+from infercache.kernels.discovery import TritonCacheDir, detect_mode, discover
+from infercache.kernels.triton_entry import TMP_PREFIX, TritonEntry, group_children, parse_entry
 from infercache.vault import labels as L
 from infercache.vault.image import (
     DOCKER_CONFIG,
@@ -39,7 +41,8 @@ from infercache.vault.image import (
     layer_media_type,
     sha256_digest,
 )
-from infercache.vault.transport import Descriptor, ImageReference, RegistryOptions, open_destination
+from infercache.vault.reference import Descriptor, ImageReference, RegistryOptions
+from infercache.vault.transport import open_destination
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +105,6 @@ class PackResult:
 
 def _relative_group(path: Path) -> bytes:
     """The group file with child paths made relative (the image must not carry this host's paths)."""
-    from infercache.kernels.triton_entry import group_children
-
     with open(path, "rb") as handle:
         data = json.load(handle)
     names = list(dict.fromkeys(os.path.basename(c) for c in group_children(data)))
@@ -142,9 +143,6 @@ def _record(entry: Any, files: list[PackFile]) -> dict[str, Any]:
 
 def plan_pack(cache_dir: str | os.PathLike[str], mode: str = "auto") -> PackPlan:
     """Decide what goes in the image: parsable kernels (and, for vLLM, its other cache files)."""
-    from infercache.kernels.discovery import TritonCacheDir, detect_mode, discover
-    from infercache.kernels.triton_entry import TMP_PREFIX, TritonEntry, parse_entry
-
     root = Path(cache_dir).expanduser()
     if not root.is_dir():
         raise BadInputError(f"{root}: no such cache directory")

@@ -29,11 +29,15 @@ from typing import Any, Callable, Sequence
 
 from infercache import paths
 from infercache.errors import BadInputError, InfercacheError
+from infercache.gpu import compat
+from infercache.gpu.targets import GpuTarget
+from infercache.kernels.triton_entry import GROUP_PREFIX, group_children, group_file_bytes
 from infercache.vault import labels as L
 from infercache.vault.check import CheckResult, evaluate, local_targets
 from infercache.vault.extract import ExtractedFile, ExtractLimits, StagingState, UnsafeImageError, extract_layer
 from infercache.vault.image import VerifyingReader, config_labels, load_image
-from infercache.vault.transport import ImageReference, RegistryOptions, open_source
+from infercache.vault.reference import ImageReference, RegistryOptions
+from infercache.vault.transport import open_source
 
 logger = logging.getLogger(__name__)
 _MAX_MANIFEST_JSON = 256 << 20
@@ -183,8 +187,6 @@ def group_rewriter(component: str, dest: Path) -> Callable[[str], Callable[[byte
 
     (The manifest's sha256 covers the relative form in the layer; extraction hashes that.)
     """
-    from infercache.kernels.triton_entry import GROUP_PREFIX, group_children, group_file_bytes
-
     top = L.CACHE_DIRS[component] + "/"
 
     def for_path(rel: str) -> Callable[[bytes], bytes] | None:
@@ -274,9 +276,6 @@ def unpack(
     progress: Callable[[int, int], None] | None = None,
 ) -> UnpackReport:
     """Install the compatible entries of an image into `dest` (default per the spec); see the module doc."""
-    from infercache.gpu.compat import compatible_with_any, installed_triton_version
-    from infercache.gpu.targets import GpuTarget
-
     gpus, source_kind = local_targets(targets)
     source = open_source(reference, options)
     try:
@@ -322,10 +321,10 @@ def unpack(
                 done += layer.size
                 if progress is not None:
                     progress(done, total)
-            local_triton = installed_triton_version()
+            local_triton = compat.installed_triton_version()
             report = _install(
                 staging, component, hashes, overwrite, installer, dest_path,
-                lambda rec: compatible_with_any(GpuTarget.from_entry(rec), gpus, local_triton),
+                lambda rec: compat.compatible_with_any(GpuTarget.from_entry(rec), gpus, local_triton),
             )
         except BaseException:
             installer.rollback()
