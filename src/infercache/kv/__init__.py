@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Pool", "POLICIES", "CheckReport"]
+__all__ = ["Pool", "POLICIES", "CheckReport", "Engine", "EngineConfig"]
 
 
 def __getattr__(name: str) -> Any:
@@ -19,4 +19,12 @@ def __getattr__(name: str) -> Any:
         from infercache.kv import pool
 
         return getattr(pool, name)
+    if name == "Engine":
+        from infercache.kv.engine import Engine
+
+        return Engine
+    if name == "EngineConfig":
+        from infercache.kv.config import EngineConfig
+
+        return EngineConfig
     raise AttributeError(f"module 'infercache.kv' has no attribute {name!r}")

@@ -1,0 +1,266 @@
+"""The storage-tier interface, the chunk record every tier stores, and in-process eviction order.
+
+A stored chunk is one record: a 64-byte header (magic, dtype, kind, shape, expiry, crc32 of
+the payload, key length, payload length) followed, on disk and in the pool, by the raw KV
+bytes ``[2, layers, tokens, hidden]``. Every tier stores the same record, so moving a chunk
+between tiers never re-encodes it.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from infercache.errors import BadInputError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+MAGIC = b"ICKVCHK1"
+HEADER = struct.Struct("<8sBBBB4IdIIQQ4x")
+HEADER_BYTES = HEADER.size
+assert HEADER_BYTES == 64
+F_CRC = 1  # crc holds crc32 of the payload
+F_ZSTD = 2  # remote value is zstd-compressed (the header describes the raw payload)
+KIND_NUMPY, KIND_TORCH = 0, 1
+# code -> (name, numpy storage dtype, itemsize); torch-only dtypes are stored as raw unsigned ints
+DTYPES: dict[int, tuple[str, str]] = {
+    1: ("float16", "<f2"),
+    2: ("float32", "<f4"),
+    3: ("float64", "<f8"),
+    4: ("bfloat16", "<u2"),
+    5: ("float8_e4m3fn", "u1"),
+    6: ("float8_e5m2", "u1"),
+}
+DTYPE_CODES = {name: code for code, (name, _) in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    """What a tier knows about a chunk without reading its payload."""
+
+    dtype: int
+    kind: int
+    shape: tuple[int, int, int, int]
+    nbytes: int
+    expires: float = 0.0
+    crc: int | None = None
+    flags: int = 0
+    stored_len: int = 0
+
+    def pack(self, key: bytes) -> bytes:
+        flags = self.flags | (F_CRC if self.crc is not None else 0)
+        return HEADER.pack(MAGIC, self.dtype, self.kind, flags, 0, *self.shape, self.expires, self.crc or 0,
+                           len(key), self.nbytes, self.stored_len or self.nbytes)  # fmt: skip
+
+    @classmethod
+    def unpack(cls, raw: Any) -> tuple["ChunkHeader", int]:
+        """(header, key length); ValueError for a record that is not ours."""
+        magic, dtype, kind, flags, _, s0, s1, s2, s3, expires, crc, key_len, nbytes, stored = HEADER.unpack_from(raw)
+        if magic != MAGIC or dtype not in DTYPES or kind not in (KIND_NUMPY, KIND_TORCH):
+            raise ValueError("not a KV chunk record")
+        if s0 * s1 * s2 * s3 * _itemsize(dtype) != nbytes:
+            raise ValueError("chunk record shape and length disagree")
+        head = cls(dtype, kind, (s0, s1, s2, s3), nbytes, expires, crc if flags & F_CRC else None,
+                   flags & ~F_CRC, stored)  # fmt: skip
+        return head, key_len
+
+    def storage_dtype(self) -> str:
+        return DTYPES[self.dtype][1]
+
+    def expired(self, now: float | None = None) -> bool:
+        return bool(self.expires) and self.expires <= (time.time() if now is None else now)
+
+
+def _itemsize(code: int) -> int:
+    return int(DTYPES[code][1][-1])
+
+
+def as_storage(kv: Any) -> tuple["np.ndarray", int, int]:
+    """(numpy view of kv's raw values, dtype code, kind); ValueError naming shape/dtype when unusable."""
+    import numpy as np
+
+    if type(kv).__module__.startswith("torch"):
+        import torch
+
+        if kv.device.type != "cpu":
+            raise BadInputError(f"kv must be a CPU tensor, got device {kv.device}")
+        name = str(kv.dtype).removeprefix("torch.")
+        if name not in DTYPE_CODES:
+            raise BadInputError(f"unsupported kv dtype torch.{name} (use fp16, bf16, fp32, fp64 or fp8)")
+        code = DTYPE_CODES[name]
+        raw = {1: torch.uint8, 2: torch.uint16}.get(_itemsize(code))
+        t = kv.detach()
+        arr = t.view(raw).numpy() if raw is not None and code >= 4 else t.numpy()
+        if code >= 4:
+            arr = arr.view(DTYPES[code][1])
+        kind = KIND_TORCH
+    else:
+        arr = np.asarray(kv)
+        name = arr.dtype.name
+        if name not in DTYPE_CODES or DTYPE_CODES[name] >= 4:
+            raise BadInputError(f"unsupported kv dtype {arr.dtype} (numpy: float16, float32 or float64)")
+        code = DTYPE_CODES[name]
+        kind = KIND_NUMPY
+    if arr.ndim != 4 or arr.shape[0] != 2:
+        raise BadInputError(f"kv must have shape [2, num_layers, num_tokens, hidden], got {tuple(arr.shape)}")
+    return arr, code, kind
+
+
+def from_storage(arr: "np.ndarray", code: int, kind: int) -> Any:
+    """The user-facing array (numpy, or torch with the stored dtype) over `arr`, without copying."""
+    if kind == KIND_NUMPY:
+        return arr
+    import torch
+
+    t = torch.from_numpy(arr)
+    if code >= 4:
+        t = t.view(getattr(torch, DTYPES[code][0]))
+    return t
+
+
+def payload_view(head: ChunkHeader, buf: Any) -> "np.ndarray":
+    """The payload bytes as an array of the chunk's storage dtype and shape (no copy)."""
+    import numpy as np
+
+    return np.frombuffer(buf, dtype=head.storage_dtype(), count=head.nbytes // _itemsize(head.dtype)).reshape(head.shape)
+
+
+# A sink receives (header, payload buffer) while the tier holds the bytes; the buffer is only
+# valid during the call (the hot tier lends a view into shared memory under its lock).
+Sink = Callable[[ChunkHeader, Any], Any]
+# Called with (key, header, payload) for each chunk a tier evicts (write_back demotion).
+EvictHook = Callable[[str, ChunkHeader, Any], None]
+
+
+@dataclass
+class TierCounters:
+    hits: int = 0
+    misses: int = 0
+    stores: int = 0
+    evictions: int = 0
+    errors: int = 0
+
+
+class Tier(ABC):
+    """One storage tier. The engine talks to every tier through these methods only.
+
+    Failures inside a tier are counted (`counters.errors`) and reported as a miss / False,
+    never raised: a broken tier must not break the caller.
+    """
+
+    name: str = ""
+
+    def __init__(self) -> None:
+        self.counters = TierCounters()
+        self.evict_hook: EvictHook | None = None
+
+    @abstractmethod
+    def contains(self, key: str) -> bool: ...
+
+    def contains_many(self, keys: list[str]) -> list[bool]:
+        """Presence of each key (tiers with round trips batch this)."""
+        return [self.contains(k) for k in keys]
+
+    @abstractmethod
+    def put(self, key: str, head: ChunkHeader, payload: Any, ttl: float | None = None) -> bool:
+        """Store a chunk (copying `payload`); False when it cannot be stored."""
+
+    @abstractmethod
+    def read(self, key: str, sink: Sink, expired_ok: bool = False) -> tuple[bool, Any]:
+        """(True, sink(header, payload)) on a hit; (False, None) on a miss, expiry or bad record.
+
+        `expired_ok`: the engine reads a chunk whose TTL ran out to move it one tier down."""
+
+    @abstractmethod
+    def delete(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def keys(self) -> list[str]:
+        """Chunk keys this tier holds that this engine may manage (clear, pin)."""
+
+    def pin(self, key: str) -> bool:
+        return self.contains(key)
+
+    def unpin(self, key: str) -> bool:
+        return self.contains(key)
+
+    def expiries(self) -> Iterator[tuple[str, float]]:
+        """(key, expiry) of chunks with a TTL that this tier knows about (disk after restart)."""
+        return iter(())
+
+    @abstractmethod
+    def bytes_used(self) -> int: ...
+
+    def flush(self) -> None:
+        """Wait for queued writes."""
+
+    def close(self) -> None:
+        self.flush()
+
+
+@dataclass
+class _Entry:
+    size: int
+    itick: int
+    atick: int
+    count: int = 0
+    expires: float = 0.0
+    pins: int = 0
+    extra: Any = None
+
+
+@dataclass
+class Tracker:
+    """In-process book of the chunks a tier holds: sizes, recency, counts, pins; victims by policy.
+
+    The hot pool orders its own entries; this book lets the engine pick victims itself when it
+    must demote them (write_back) and gives disk and remote tiers eviction at all.
+    """
+
+    policy: str = "lru"
+    entries: dict[str, _Entry] = field(default_factory=dict)
+    total: int = 0
+    tick: int = 0
+
+    def add(self, key: str, size: int, expires: float = 0.0, extra: Any = None) -> None:
+        self.tick += 1
+        old = self.entries.get(key)
+        if old is not None:
+            self.total -= old.size
+        self.entries[key] = _Entry(size, self.tick, self.tick, 0, expires, old.pins if old else 0, extra)
+        self.total += size
+
+    def touch(self, key: str) -> None:
+        e = self.entries.get(key)
+        if e is not None:
+            self.tick += 1
+            e.atick = self.tick
+            e.count += 1
+
+    def remove(self, key: str) -> _Entry | None:
+        e = self.entries.pop(key, None)
+        if e is not None:
+            self.total -= e.size
+        return e
+
+    def victims(self) -> list[str]:
+        """Unpinned keys, first to evict first (expired first for every policy)."""
+        now = time.time()
+
+        def order(item: tuple[str, _Entry]) -> tuple[float, ...]:
+            e = item[1]
+            expired = 0 if e.expires and e.expires <= now else 1
+            if self.policy == "fifo":
+                return (expired, e.itick)
+            if self.policy in ("lfu", "s3fifo"):
+                return (expired, min(e.count, 3) if self.policy == "s3fifo" else e.count, e.atick)
+            if self.policy == "ttl":
+                return (expired, e.expires or float("inf"), e.atick)
+            return (expired, e.atick)
+
+        return [k for k, e in sorted(self.entries.items(), key=order) if not e.pins]

@@ -1,0 +1,259 @@
+"""Remote tier: Redis or Redis Cluster through redis-py.
+
+Two keys per chunk that share a hash tag (same cluster slot): ``ickv:{KEY}:d`` the payload
+(optionally zstd) and ``ickv:{KEY}:m`` the 64-byte chunk header (shape, dtype, crc32). Puts
+and gets are pipelined; a TTL is ``SET ... EX``. The engine accounts for the bytes it put and
+evicts its own keys (policy order) to stay under `remote_size`.
+
+A Redis that is down or goes away never breaks the caller: every failure is counted, logged
+once per outage, and the tier answers "miss" until a backoff (0.5 s doubling to 30 s) has
+passed; then the next call tries again (redis-py reconnects) and the outage ends on success.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import unquote
+
+from infercache.errors import BadInputError
+from infercache.kv.tiers.base import F_ZSTD, ChunkHeader, Sink, Tier, Tracker
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+
+
+def make_client(url: str, connect_timeout: float = 1.0, timeout: float = 5.0) -> Any:
+    """A redis-py client for redis://, rediss:// (TLS, verified), unix:// or redis-cluster://h:p,h:p."""
+    import redis
+
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("redis", "rediss", "unix"):
+        return redis.Redis.from_url(url, socket_connect_timeout=connect_timeout, socket_timeout=timeout)
+    if scheme != "redis-cluster":
+        raise BadInputError(f"unsupported remote_url scheme {scheme!r}")
+    from redis.cluster import ClusterNode, RedisCluster
+
+    netloc = url.split("://", 1)[1].split("/", 1)[0]
+    auth, _, hosts = netloc.rpartition("@")
+    username = password = None
+    if auth:
+        user, _, pw = auth.partition(":")
+        username, password = (unquote(user) or None), (unquote(pw) or None)
+    nodes = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise BadInputError(f"redis-cluster:// needs HOST:PORT[,HOST:PORT...], got {item!r}")
+        nodes.append(ClusterNode(host.strip("[]"), int(port)))
+    return RedisCluster(
+        startup_nodes=nodes, username=username, password=password,
+        socket_connect_timeout=connect_timeout, socket_timeout=timeout,
+    )  # fmt: skip
+
+
+class RemoteTier(Tier):
+    name = "remote"
+
+    def __init__(self, url: str, size: int | None, policy: str, serde: str = "none") -> None:
+        super().__init__()
+        self.url = url
+        self.capacity = size
+        self.serde = serde
+        self.book = Tracker(policy)
+        self.client = make_client(url)
+        self._lock = threading.RLock()
+        self._down_until = 0.0
+        self._backoff = 0.0
+        self._in_outage = False
+
+    # --------------------------------------------------------------- failure handling
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _guard(self, what: str, fn: Callable[[], T], default: T) -> T:
+        if not self.available():
+            return default
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - redis errors, sockets, cluster failover: all are misses
+            self.counters.errors += 1
+            self._backoff = min(BACKOFF_MAX, self._backoff * 2 if self._backoff else BACKOFF_MIN)
+            self._down_until = time.monotonic() + self._backoff
+            if not self._in_outage:
+                self._in_outage = True
+                log.warning("remote tier unavailable (%s failed: %s); serving from local tiers, retrying with backoff",
+                            what, type(exc).__name__)  # fmt: skip
+            else:
+                log.debug("remote tier: %s failed: %s", what, exc)
+            return default
+        if self._in_outage:
+            self._in_outage = False
+            log.warning("remote tier is back")
+        self._backoff = 0.0
+        return result
+
+    @staticmethod
+    def _names(key: str) -> tuple[str, str]:
+        return f"ickv:{{{key}}}:d", f"ickv:{{{key}}}:m"
+
+    # --------------------------------------------------------------- interface
+    def contains(self, key: str) -> bool:
+        return self.contains_many([key])[0]
+
+    def contains_many(self, keys: list[str]) -> list[bool]:
+        if not keys:
+            return []
+
+        def run() -> list[bool]:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(*self._names(key))
+            return [n == 2 for n in pipe.execute()]
+
+        return self._guard("exists", run, [False] * len(keys))
+
+    def put(self, key: str, head: ChunkHeader, payload: Any, ttl: float | None = None) -> bool:
+        data = memoryview(payload).cast("B") if not isinstance(payload, (bytes, bytearray)) else payload
+        if head.crc is None:
+            head = ChunkHeader(head.dtype, head.kind, head.shape, head.nbytes, head.expires, zlib.crc32(data), head.flags)
+        flags = head.flags & ~F_ZSTD
+        if self.serde == "zstd":
+            import zstandard
+
+            data = zstandard.ZstdCompressor(level=1).compress(data)
+            flags |= F_ZSTD
+        expires = time.time() + ttl if ttl else 0.0
+        head = ChunkHeader(head.dtype, head.kind, head.shape, head.nbytes, expires, head.crc, flags, len(data))
+        kb = key.encode()
+        size = len(data) + 64
+        if self.capacity is not None and size > self.capacity:
+            return False
+        self._make_room(size, key)
+        ex = max(1, math.ceil(ttl)) if ttl else None
+
+        def run() -> bool:
+            d, m = self._names(key)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(d, data, ex=ex)
+            pipe.set(m, head.pack(kb), ex=ex)
+            pipe.execute()
+            return True
+
+        ok = self._guard("put", run, False)
+        if ok:
+            with self._lock:
+                self.book.add(key, size, expires)
+            self.counters.stores += 1
+        return ok
+
+    def read(self, key: str, sink: Sink, expired_ok: bool = False) -> tuple[bool, Any]:
+        def run() -> tuple[Any, Any]:
+            d, m = self._names(key)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(m)
+            pipe.get(d)
+            return tuple(pipe.execute())
+
+        meta, data = self._guard("get", run, (None, None))
+        if meta is None or data is None:
+            return False, None
+        try:
+            head, key_len = ChunkHeader.unpack(meta)
+            if meta[64 : 64 + key_len] != key.encode() or len(data) != head.stored_len:
+                raise ValueError("record does not match its key")
+            if head.flags & F_ZSTD:
+                import zstandard
+
+                data = zstandard.ZstdDecompressor().decompress(data, max_output_size=head.nbytes)
+            if len(data) != head.nbytes or (head.crc is not None and zlib.crc32(data) != head.crc):
+                raise ValueError("checksum mismatch")
+        except Exception as exc:  # noqa: BLE001 - a bad record is a miss, removed and counted
+            self.counters.errors += 1
+            log.warning("remote tier: dropping bad chunk record (%s)", exc)
+            self.delete(key)
+            return False, None
+        with self._lock:
+            self.book.touch(key)
+        return True, sink(head, data)
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            self.book.remove(key)
+        return bool(self._guard("delete", lambda: self.client.delete(*self._names(key)), 0))
+
+    def delete_many(self, keys: list[str]) -> int:
+        with self._lock:
+            for key in keys:
+                self.book.remove(key)
+
+        def run() -> int:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.delete(*self._names(key))
+            return sum(1 for n in pipe.execute() if n)
+
+        return self._guard("delete", run, 0) if keys else 0
+
+    def keys(self) -> list[str]:
+        """Chunk keys in Redis (every node of a cluster), falling back to what this engine put."""
+
+        def run() -> list[str]:
+            out = []
+            for name in self.client.scan_iter(match="ickv:{*}:m", count=1000):
+                text = name.decode() if isinstance(name, bytes) else name
+                out.append(text[len("ickv:{") : -len("}:m")])
+            return out
+
+        with self._lock:
+            known = list(self.book.entries)
+        found = self._guard("scan", run, None)
+        return sorted(set(known) | set(found or ()))
+
+    def pin(self, key: str) -> bool:
+        with self._lock:
+            entry = self.book.entries.get(key)
+            if entry is not None:
+                entry.pins += 1
+                return True
+        return False
+
+    def unpin(self, key: str) -> bool:
+        with self._lock:
+            entry = self.book.entries.get(key)
+            if entry is not None:
+                entry.pins = max(0, entry.pins - 1)
+                return True
+        return False
+
+    def bytes_used(self) -> int:
+        return self.book.total
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _make_room(self, size: int, incoming: str) -> None:
+        if self.capacity is None:
+            return
+        with self._lock:
+            if self.book.total + size <= self.capacity:
+                return
+            victims = []
+            total = self.book.total
+            for key in self.book.victims():
+                if total + size <= self.capacity:
+                    break
+                if key != incoming:
+                    victims.append(key)
+                    total -= self.book.entries[key].size
+        self.delete_many(victims)
+        self.counters.evictions += len(victims)
