@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from infercache.gpu.compat import Verdict, check_compatible, compatible_with_any, installed_triton_version
 from infercache.gpu.detect import LocalGpu
 from infercache.gpu.targets import GpuTarget
@@ -107,3 +109,30 @@ def test_real_cache_entries_against_targets(sample_cache_master: Path) -> None:
         assert check_compatible(GpuTarget.from_entry(m), _h100(), local).warnings == ()
     both = [T("cuda:80"), T("hip:gfx90a")]
     assert sum(compatible_with_any(GpuTarget.from_entry(m), both) for m in metas) == 12
+
+
+def test_installed_triton_version_finds_pytorch_triton_rocm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ROCm PyTorch install ships Triton as `pytorch-triton-rocm`: `stats` and `unpack` must both see it.
+
+    The package is a real dist-info on sys.path; PyPI's `triton`, which this venv has, is hidden
+    (a machine with only the ROCm build cannot exist here).
+    """
+    from importlib import metadata
+
+    import infercache.gpu.compat as compat
+    from infercache.kernels import stats
+
+    dist = tmp_path / "pytorch_triton_rocm-3.4.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: pytorch-triton-rocm\nVersion: 3.4.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real_version = metadata.version
+
+    def without_pypi_triton(name: str) -> str:
+        if name == "triton":
+            raise metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(compat.metadata, "version", without_pypi_triton)
+    assert compat.installed_triton_version() == "3.4.0"
+    assert stats.installed_triton_version is compat.installed_triton_version  # one answer for stats and unpack

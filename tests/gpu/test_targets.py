@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from infercache.errors import BadInputError
-from infercache.gpu.targets import GpuTarget, format_ptx_version, normalize_backend, ptx_version_from_ptx
+from infercache.gpu.targets import GpuTarget, arch_name, backend_name, normalize_backend
 
 
 @pytest.mark.parametrize(
@@ -83,15 +83,15 @@ def test_from_real_triton_metadata(sample_cache_master: Path) -> None:
     assert versions == {"3.9.0"}
 
 
-def test_ptx_version_from_real_ptx(sample_cache_master: Path) -> None:
-    ptx_files = sorted(sample_cache_master.glob("*/*.ptx"))
-    assert ptx_files
-    for ptx in ptx_files:
-        text = ptx.read_text()
-        version = ptx_version_from_ptx(text)
-        assert version is not None and 80 <= version < 120  # Triton 3.9 ships CUDA 12.x/13.x ptxas
-        assert f"\n.version {format_ptx_version(version)}\n" in text
-    assert ptx_version_from_ptx("// no header\n.target sm_90\n") is None
+def test_arch_and_backend_names_from_real_metadata(sample_cache_master: Path) -> None:
+    """The lenient readers the catalog uses agree with the strict target parser on Triton's own metadata."""
+    for meta in _metadata(sample_cache_master):
+        target = GpuTarget.from_entry(meta)
+        assert backend_name(meta["target"]["backend"]) == target.backend
+        assert arch_name(meta["target"]["arch"]) == target.arch
+    assert [arch_name(v) for v in (90, "sm90", "SM_90a", "compute_80", "GFX942", "", None)] == [
+        "90", "90", "90a", "80", "gfx942", None, None]
+    assert [backend_name(v) for v in ("ROCm", "amd", "NVIDIA", "xpu", "", None)] == ["hip", "hip", "cuda", "xpu", None, None]
 
 
 def test_normalize_backend() -> None:

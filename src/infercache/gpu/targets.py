@@ -22,7 +22,15 @@ BACKEND_ALIASES: dict[str, str] = {"cuda": "cuda", "nvidia": "cuda", "hip": "hip
 _CUDA_ARCH_RE = re.compile(r"^(?:sm_?)?(\d{2,3})([af]?)$", re.IGNORECASE)
 # HIP: gfx + 3-4 hex digits ("gfx90a", "gfx942", "gfx1100"), optional target-id features.
 _HIP_ARCH_RE = re.compile(r"^(gfx[0-9a-f]{3,4})(?::[a-z0-9_+-]+)*$", re.IGNORECASE)
-_PTX_VERSION_RE = re.compile(r"^\s*\.version\s+(\d+)\.(\d+)", re.MULTILINE)
+
+
+def backend_name(value: Any) -> str | None:
+    """Triton's backend name for a spelling found in metadata ('rocm' → 'hip'); other names lower-cased,
+    None when absent. Lenient: for reading what a cache says, not for checking user input."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    lower = value.strip().lower()
+    return BACKEND_ALIASES.get(lower, lower)
 
 
 def normalize_backend(backend: str) -> str:
@@ -33,8 +41,22 @@ def normalize_backend(backend: str) -> str:
     return value
 
 
+def arch_name(value: Any) -> str | None:
+    """An arch as the catalog stores it, from any spelling: 90 / "sm90" / "sm_90a" / "compute_90" → "90" / "90a",
+    "GFX942" → "gfx942"; None when absent. Lenient (no validation): :func:`normalize_arch` checks user input."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return str(int(value))
+    lower = str(value).strip().lower()
+    for prefix in ("sm_", "sm", "compute_"):
+        if lower.startswith(prefix) and lower[len(prefix) :][:1].isdigit():
+            return lower[len(prefix) :]
+    return lower or None
+
+
 def normalize_arch(backend: str, arch: str | int) -> str:
-    """Canonical arch string: cuda 90 / 'sm_90' / 'sm90' → '90' ('90a' kept); hip 'gfx90a:xnack-' → 'gfx90a'."""
+    """Canonical arch string, validated: cuda 90 / 'sm_90' / 'sm90' → '90' ('90a' kept); hip 'gfx90a:xnack-' → 'gfx90a'."""
     text = str(arch).strip()
     if backend == "cuda":
         match = _CUDA_ARCH_RE.match(text)
@@ -62,18 +84,6 @@ def cuda_arch_base(arch: str) -> str:
 def format_ptx_version(version: int | None) -> str | None:
     """Triton's int PTX ISA version (84) → '8.4'."""
     return None if version is None else f"{version // 10}.{version % 10}"
-
-
-def ptx_version_from_ptx(text: str) -> int | None:
-    """PTX ISA version from a `.ptx` file's `.version 8.7` line → 87 (Triton's encoding), None if absent.
-
-    Triton 3.x leaves `ptx_version` null in the metadata unless the user forced one;
-    the PTX text always says which ISA it targets.
-    """
-    match = _PTX_VERSION_RE.search(text)
-    if not match:
-        return None
-    return int(match.group(1)) * 10 + int(match.group(2))
 
 
 def _optional_int(value: Any, field: str) -> int | None:

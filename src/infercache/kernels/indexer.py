@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from infercache.errors import BadInputError, InfercacheError
 from infercache.kernels.catalog import Catalog
+from infercache.kernels.discovery import VllmInfo
 from infercache.kernels.triton_entry import EntryScan, NotAKernel, scan
 
 logger = logging.getLogger(__name__)
@@ -678,20 +679,13 @@ def refresh_paths(catalog: Catalog, entry_paths: Iterable[Path]) -> None:
 
 
 @dataclass(frozen=True)
-class _VllmInfo:
-    hash: str
-    rank: str
-    prefix: str | None
-
-
-@dataclass(frozen=True)
 class _CacheDirInfo:
     """The cache-dir facts of a catalog row (what discovery had said), for re-reading one entry."""
 
     path: Path
     mode: str
     cache_root: Path
-    vllm: _VllmInfo | None
+    vllm: VllmInfo | None
 
     @property
     def path_s(self) -> str:
@@ -705,9 +699,9 @@ class _CacheDirInfo:
     def of(cls, tcd: Any) -> "_CacheDirInfo":
         """From discovery's TritonCacheDir (plain, picklable values for worker processes)."""
         v = tcd.vllm
-        return cls(Path(tcd.path), tcd.mode, Path(tcd.cache_root), _VllmInfo(v.hash, v.rank, v.prefix) if v else None)
+        return cls(Path(tcd.path), tcd.mode, Path(tcd.cache_root), v)
 
     @classmethod
     def from_row(cls, row: Any) -> "_CacheDirInfo":
-        vllm = _VllmInfo(row["vllm_hash"], row["vllm_rank"], row["vllm_prefix"]) if row["vllm_hash"] is not None else None
+        vllm = VllmInfo(row["vllm_hash"], row["vllm_rank"], row["vllm_prefix"]) if row["vllm_hash"] is not None else None
         return cls(Path(row["parent"]), row["mode"], Path(row["cache_root"]), vllm)

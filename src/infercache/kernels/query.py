@@ -9,7 +9,6 @@ duration (`--older-than 0d`) is a real filter, not "no filter".
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import time
@@ -19,10 +18,10 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
 from infercache.errors import BadInputError
+from infercache.gpu.targets import arch_name, normalize_backend
 from infercache.kernels.catalog import Catalog
 from infercache.units import parse_duration
 
-BACKENDS = {"cuda": "cuda", "hip": "hip", "rocm": "hip", "amd": "hip", "nvidia": "cuda"}
 MODES = ("auto", "triton", "vllm", "inductor")
 
 #: Sort field (CLI name) → SQL expression.
@@ -49,24 +48,13 @@ SORT_FIELDS: Mapping[str, str] = {
 
 
 def normalise_backend(value: str | None) -> str | None:
-    """'cuda' | 'hip' from user input ('rocm' is 'hip'); BadInputError otherwise."""
-    if value is None or value == "":
-        return None
-    backend = BACKENDS.get(value.strip().lower())
-    if backend is None:
-        raise BadInputError(f"unknown backend {value!r} (expected cuda, hip or rocm)")
-    return backend
+    """'cuda' | 'hip' from user input ('rocm' is 'hip'); BadInputError otherwise; None for no filter."""
+    return normalize_backend(value) if value and value.strip() else None
 
 
 def normalise_arch(value: str | None) -> str | None:
-    """'80', 'sm80', 'sm_80' → '80'; 'gfx90a' stays; matches how entries are stored."""
-    if value is None or value.strip() == "":
-        return None
-    text = value.strip().lower()
-    for prefix in ("sm_", "sm"):
-        if text.startswith(prefix) and text[len(prefix) :][:1].isdigit():
-            return text[len(prefix) :]
-    return text
+    """'80', 'sm80', 'sm_80' → '80'; 'gfx90a' stays: the spelling entries are stored with."""
+    return arch_name(value)
 
 
 @dataclass(frozen=True)
@@ -164,12 +152,6 @@ class KernelFilter:
             clauses.append("e.mode = ?")
             params.append(self.mode)
         return (" AND ".join(clauses) or "1"), params
-
-    def matches_name(self, name: str) -> bool:
-        """Python-side twin of the name conditions (used by tests and non-SQL callers)."""
-        if self.name is not None and name != self.name:
-            return False
-        return self.name_like is None or fnmatch.fnmatchcase(name, self.name_like)
 
 
 def parse_sort(spec: str | None) -> tuple[str, bool]:

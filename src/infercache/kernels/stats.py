@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from infercache.gpu.compat import installed_triton_version
 from infercache.kernels.catalog import Catalog
 from infercache.kernels.query import KernelFilter
 from infercache.kernels.triton_entry import IR_TYPES
@@ -128,14 +129,3 @@ def compute_stats(catalog: Catalog, flt: KernelFilter | None = None) -> CacheSta
         installed_triton_version=installed_triton_version(),
     )
 
-
-def installed_triton_version() -> str | None:
-    """The Triton installed here, from package metadata (importing triton would take ~1 s)."""
-    from importlib import metadata
-
-    for dist in ("triton", "pytorch-triton", "pytorch-triton-rocm"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None

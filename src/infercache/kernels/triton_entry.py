@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple
 
 from infercache.fsutil import atomic_write_bytes
+from infercache.gpu.targets import arch_name, backend_name
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +92,6 @@ class TritonEntry:
         for f in self.files:
             out[f.type] = out.get(f.type, 0) + f.size
         return out
-
-    @property
-    def ir_files(self) -> tuple[EntryFile, ...]:
-        """The files an IR-only prune removes."""
-        return tuple(f for f in self.files if f.type in IR_TYPES)
 
 
 @dataclass(frozen=True)
@@ -180,30 +176,6 @@ def _as_int(value: Any) -> int | None:
         except ValueError:
             return None
     return None
-
-
-def _normalise_arch(value: Any) -> str | None:
-    """CUDA arch is an int (90) in `target`, "sm90"/"sm_90a" elsewhere; HIP is "gfx942"."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return str(int(value))
-    lower = str(value).strip().lower()
-    for prefix in ("sm_", "sm", "compute_"):
-        if lower.startswith(prefix) and lower[len(prefix) :][:1].isdigit():
-            return lower[len(prefix) :]
-    return lower or None
-
-
-def _normalise_backend(value: Any) -> str | None:
-    if not isinstance(value, str) or not value:
-        return None
-    lower = value.lower()
-    if lower in ("rocm", "amd", "hip"):
-        return "hip"
-    if lower in ("cuda", "nvidia"):
-        return "cuda"
-    return lower
 
 
 def _read_bytes(path: str, dir_fd: int | None = None, size_hint: int | None = None) -> bytes:
@@ -487,13 +459,13 @@ def _classify(
         entry_files.append((fname, ftype, fst.st_size))
         if fname not in listed and ftype != "group":
             orphans.append((fname, fst.st_size, fst.st_mtime))
-    backend = _normalise_backend(target.get("backend")) or _normalise_backend(metadata.get("backend_name"))
+    backend = backend_name(target.get("backend")) or backend_name(metadata.get("backend_name"))
     if backend is None:
         types = {t for _n, t, _s in entry_files}
         backend = next((b for t, b in BINARY_TYPES.items() if t in types), None)
         if backend is None:
             backend = "hip" if "amdgcn" in types else "cuda" if "ptx" in types else "unknown"
-    arch = _normalise_arch(target.get("arch")) or _normalise_arch(metadata.get("arch")) or "unknown"
+    arch = arch_name(target.get("arch")) or arch_name(metadata.get("arch")) or "unknown"
     warp_size = _as_int(target.get("warp_size"))
     if warp_size is None:
         warp_size = _as_int(metadata.get("warp_size"))
