@@ -19,6 +19,7 @@ from infercache.cli.common import (
     handle_errors,
     print_json,
 )
+from infercache.cli.warm import warm_command
 from infercache.errors import BadInputError
 
 app = typer.Typer(help="Compiled-kernel caches (Triton, vLLM, Inductor): index, list, prune, stats.",
@@ -131,14 +132,14 @@ def _records_table(records: Sequence[Any], title: Optional[str] = None) -> Any:
     table = Table(title=title, header_style="bold")
     right = {"justify": "right", "no_wrap": True}
     for col, kw in (("Key", {"no_wrap": True}), ("Name", {"overflow": "fold"}), ("Backend", {}), ("Arch", {}),
-                    ("Warps", right), ("Triton", {}), ("Size", right), ("Hits", right),
+                    ("Warps", right), ("Triton", {}), ("Size", right), ("Hits", right), ("Misses", right),
                     ("Modified", {}), ("Last access", {})):
         table.add_column(col, **kw)
     for r in records:
         j = r.to_json()
         table.add_row(
             r.key[:12], r.name, r.backend, r.arch, str(r.num_warps if r.num_warps is not None else "-"),
-            r.triton_version or "-", format_size(r.total_size), str(r.hits), _short_time(j["modified"]),
+            r.triton_version or "-", format_size(r.total_size), str(r.hits), str(r.misses), _short_time(j["modified"]),
             _short_time(j["last_access"]),
         )
     return table
@@ -371,10 +372,9 @@ def stats_command(
         refresh_if_dirs(catalog, cache_dir, mode)
         stats = compute_stats(catalog, flt)
         if zero:
-            from infercache.kernels.query import query
+            from infercache.kernels.stats import zero_counters
 
-            keys = None if not cache_dir else sorted({r.key for r in query(catalog, flt)})
-            catalog.zero_usage(keys)
+            zero_counters(catalog, flt)
     if fmt == OutputFormat.json:
         print_json(stats.to_json())
     else:
@@ -398,6 +398,8 @@ def _print_stats(stats: Any) -> None:
         ("Reclaimable IR", f"{format_size(stats.reclaimable_ir_bytes)} ({stats.reclaimable_ir_bytes} bytes)"),
         ("Hits / misses", f"{stats.hits} / {stats.misses}"),
         ("Hit rate", rate),
+        ("Never hit", f"{stats.never_hit.entries} kernel(s), {format_size(stats.never_hit.total_size)} "
+                      f"({stats.never_hit.total_size} bytes)"),
         ("Cache dirs", ", ".join(stats.cache_dirs) or "-"),
     ):
         summary.add_row(label, value)
@@ -408,6 +410,15 @@ def _print_stats(stats: Any) -> None:
     if stats.installed_triton_version:
         summary.add_row("Installed Triton", stats.installed_triton_version)
     console.print(summary)
+    if stats.top_kernels:
+        top = Table(title="Most hit kernels", header_style="bold")
+        for col in ("Key", "Name", "Target", "Hits", "Misses", "Hit rate", "Last access"):
+            top.add_column(col, justify="right" if col in ("Hits", "Misses", "Hit rate") else "left")
+        for k in stats.top_kernels:
+            j = k.to_json()
+            top.add_row(k.key[:12], k.name, f"{k.backend}:{k.arch}", str(k.hits), str(k.misses),
+                        "-" if k.hit_rate is None else f"{k.hit_rate * 100:.1f} %", _short_time(j["last_access"]))
+        console.print(top)
     if stats.other_triton_entries:
         err_console.print(
             f"[yellow]note:[/] {stats.other_triton_entries} kernel(s) were compiled by another Triton version "
@@ -431,3 +442,6 @@ def _print_stats(stats: Any) -> None:
         for key, size in stats.by_file_type.items():
             table.add_row(key, format_size(size))
         console.print(table)
+
+
+app.command("warm")(handle_errors(warm_command))

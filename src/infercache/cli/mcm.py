@@ -15,10 +15,11 @@ import typer
 
 from infercache.cli import kernels as k
 from infercache.cli.common import GlobalOptions, OutputFormat, console, handle_errors, setup_logging
+from infercache.kernels.container_warm import DEFAULT_MODEL, DEFAULT_OUTPUT, DEFAULT_VLLM_CACHE_DIR
 
 app = typer.Typer(
     name="mcm",
-    help="Model Cache Manager compatible front end: index, list and prune GPU kernel caches.",
+    help="Model Cache Manager compatible front end: index, list, prune and warm GPU kernel caches.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -115,6 +116,28 @@ def prune_command(
     strategy, _ = k.choose_strategy(full, deduplicate, None, False)
     flt = _filter(name, backend, arch, older_than, younger_than, cache_hit_lower, cache_hit_higher, cache_dir, mode)
     k.run_prune(ctx, flt, strategy, None, dry_run, yes, OutputFormat.table)
+
+
+@app.command("warm")
+@handle_errors
+def warm_command(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Hugging Face model ID."),
+    output: Path = typer.Option(Path(DEFAULT_OUTPUT), "--output", "-o", help="Output tarball path."),
+    host_cache_dir: Path = typer.Option(Path("./"), "--host-cache-dir", help="Host directory for the cache."),
+    hugging_face_token: Optional[str] = typer.Option(None, "--hugging-face-token", envvar="HF_TOKEN",
+                                                     show_envvar=False, help="Token for private models."),
+    vllm_cache_dir: str = typer.Option(DEFAULT_VLLM_CACHE_DIR, "--vllm_cache_dir", "--vllm-cache-dir",
+                                       help="Cache path inside the container."),
+    tarball: bool = typer.Option(False, "--tarball", help="Create a gzipped tarball after warming."),
+    rocm: bool = typer.Option(False, "--rocm", help="Use the ROCm image instead of the CUDA one."),
+    engine: str = typer.Option("podman", "--engine", help="podman or docker."),
+    image: Optional[str] = typer.Option(None, "--image", help="Container image (default: MCM's CUDA/ROCm image)."),
+) -> None:
+    """Pre-warm a vLLM cache by running the model in a container (podman or docker with GPU access)."""
+    from infercache.cli.warm import run_container_warm
+
+    run_container_warm(model, rocm=rocm, engine=engine, image=image, host_cache_dir=host_cache_dir,
+                       vllm_cache_dir=vllm_cache_dir, token=hugging_face_token, tarball=tarball, output=output)
 
 
 def main() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from infercache.gpu.compat import installed_triton_version
 from infercache.kernels.catalog import Catalog
 from infercache.kernels.query import KernelFilter
 from infercache.kernels.triton_entry import IR_TYPES
@@ -20,6 +19,51 @@ class Group:
 
     def to_json(self) -> dict[str, int]:
         return {"entries": self.entries, "total_size": self.total_size}
+
+
+#: How many kernels `stats` lists by hits.
+TOP_KERNELS = 10
+
+
+@dataclass(frozen=True)
+class KernelHits:
+    """One kernel's runtime counters (a `top_kernels` row)."""
+
+    key: str
+    name: str
+    backend: str
+    arch: str
+    hits: int
+    misses: int
+    last_access: float | None
+    compile_time_s: float | None
+    total_size: int
+
+    @property
+    def hit_rate(self) -> float | None:
+        total = self.hits + self.misses
+        return self.hits / total if total else None
+
+    def to_json(self) -> dict[str, Any]:
+        from infercache.kernels.query import iso
+
+        return {"key": self.key, "name": self.name, "backend": self.backend, "arch": self.arch, "hits": self.hits,
+                "misses": self.misses, "hit_rate": self.hit_rate, "last_access": iso(self.last_access),
+                "compile_time_s": self.compile_time_s, "total_size": self.total_size}
+
+
+def zero_counters(catalog: Catalog, flt: KernelFilter | None = None) -> int:
+    """`stats --zero` (like `ccache -z`): reset hits/misses of the kernels `flt` selects; all without one.
+
+    Counts of kernels not indexed yet are reset too when nothing restricts the selection.
+    """
+    flt = flt or KernelFilter()
+    where, params = flt.where()
+    if where == "1":
+        return catalog.zero_usage(None)
+    keys = sorted({r[0] for r in catalog.conn.execute(
+        f"SELECT DISTINCT e.key FROM entries e LEFT JOIN usage u ON u.key = e.key WHERE {where}", params)})
+    return catalog.zero_usage(keys)
 
 
 @dataclass(frozen=True)
@@ -38,6 +82,8 @@ class CacheStats:
     skipped: Mapping[str, Group]
     artifacts: Group
     installed_triton_version: str | None = None
+    top_kernels: tuple[KernelHits, ...] = ()
+    never_hit: Group = Group(0, 0)
 
     @property
     def other_triton_entries(self) -> int:
@@ -64,6 +110,8 @@ class CacheStats:
             "hits": self.hits,
             "misses": self.misses,
             "hit_rate": self.hit_rate,
+            "top_kernels": [k.to_json() for k in self.top_kernels],
+            "never_hit": self.never_hit.to_json(),
             "cache_dirs": list(self.cache_dirs),
             "skipped": {k: v.to_json() for k, v in self.skipped.items()},
             "artifacts": self.artifacts.to_json(),
@@ -72,7 +120,7 @@ class CacheStats:
         }
 
 
-def compute_stats(catalog: Catalog, flt: KernelFilter | None = None) -> CacheStats:
+def compute_stats(catalog: Catalog, flt: KernelFilter | None = None, top: int = TOP_KERNELS) -> CacheStats:
     """Aggregate the catalog (optionally restricted by `flt`, e.g. to one cache dir) in SQL."""
     flt = flt or KernelFilter()
     where, params = flt.where()
@@ -112,6 +160,17 @@ def compute_stats(catalog: Catalog, flt: KernelFilter | None = None) -> CacheSta
     art = conn.execute(
         f"SELECT count(*), coalesce(sum(s.size), 0) FROM artifacts s WHERE {dir_where}", dir_params
     ).fetchone()
+    top_kernels = tuple(
+        KernelHits(*r)
+        for r in conn.execute(
+            f"SELECT e.key, e.name, e.backend, e.arch, u.hits, u.misses, u.last_access, u.compile_time_s, "
+            f"e.total_size {base} AND u.hits > 0 ORDER BY u.hits DESC, e.name, e.key LIMIT ?",
+            [*params, top],
+        )
+    )
+    never = conn.execute(
+        f"SELECT count(*), coalesce(sum(e.total_size), 0) {base} AND coalesce(u.hits, 0) = 0", params
+    ).fetchone()
     return CacheStats(
         entries=entries,
         total_size=total,
@@ -123,9 +182,22 @@ def compute_stats(catalog: Catalog, flt: KernelFilter | None = None) -> CacheSta
         reclaimable_ir_bytes=sum(v for k, v in by_file_type.items() if k in IR_TYPES),
         hits=hits,
         misses=misses,
+        top_kernels=top_kernels,
+        never_hit=Group(never[0], never[1]),
         cache_dirs=roots,
         skipped=skipped,
         artifacts=Group(art[0], art[1]),
         installed_triton_version=installed_triton_version(),
     )
 
+
+def installed_triton_version() -> str | None:
+    """The Triton installed here, from package metadata (importing triton would take ~1 s)."""
+    from importlib import metadata
+
+    for dist in ("triton", "pytorch-triton", "pytorch-triton-rocm"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
