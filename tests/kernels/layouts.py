@@ -120,6 +120,14 @@ def make_vllm_legacy(
     return layout
 
 
+def _binary_artifact(size: int) -> bytes:
+    """Opaque bytes in torch's binary artifact framing (CRC32 of the rest first), `size` long."""
+    import zlib
+
+    payload = (bytes(range(256)) * (size // 256 + 1))[: size - 4]
+    return zlib.crc32(payload).to_bytes(4, "big") + payload
+
+
 def make_vllm_new(
     root: Path,
     triton_master: Path,
@@ -150,7 +158,7 @@ def make_vllm_new(
         layout.triton_dirs.append(cache)
     for i in range(binary):
         layout.artifacts.append(
-            _write(base / f"artifact_compile_range_1_8192_subgraph_{unpacked + i}", bytes(range(256)) * 16)
+            _write(base / f"artifact_compile_range_1_8192_subgraph_{unpacked + i}", _binary_artifact(4096))
         )
     return layout
 

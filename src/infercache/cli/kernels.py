@@ -36,6 +36,8 @@ HIT_LOWER = typer.Option(None, "--cache-hit-lower", help="Runtime hits < N.")
 HIT_HIGHER = typer.Option(None, "--cache-hit-higher", help="Runtime hits > N.")
 CACHE_DIRS = typer.Option(None, "--cache-dir", help="Cache directory (repeatable).")
 MODE = typer.Option("auto", "--mode", help="auto, triton, vllm or inductor.")
+KIND = typer.Option(None, "--kind", help="Artifact kind (repeatable): fxgraph, aotautograd, module, autotune, "
+                                        "vllm-artifact, vllm-graph, aot-model.")
 
 
 def open_catalog(ctx: typer.Context) -> Any:
@@ -185,18 +187,23 @@ def list_command(
                                                                "last_access, backend, arch, warps, version, key."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N rows."),
     fmt: ListFormat = typer.Option(ListFormat.table, "--format", help="table, json or csv."),
-    artifacts: bool = typer.Option(False, "--artifacts", help="List vLLM's opaque artifacts instead of kernels."),
+    artifacts: bool = typer.Option(False, "--artifacts", help="List compile-cache artifacts (Inductor, vLLM) "
+                                                                 "instead of kernels."),
+    kind: Optional[List[str]] = KIND,
 ) -> None:
     """List kernels in the catalog, filtered and sorted."""
-    from infercache.kernels.query import parse_sort, query
+    from infercache.kernels.query import normalise_kinds, parse_sort, query
 
     flt = build_filter(name=name, name_like=name_like, backend=backend, arch=arch, older_than=older_than,
                        younger_than=younger_than, hits_lower=cache_hit_lower, hits_higher=cache_hit_higher,
                        cache_dirs=cache_dir, mode=mode)
-    parse_sort(sort)  # bad sort field → exit 2 before any work
+    if kind and not artifacts:
+        raise BadInputError("--kind applies to artifacts: add --artifacts")
     if artifacts:
-        _list_artifacts(ctx, flt, cache_dir, mode, limit, fmt)
+        normalise_kinds(kind)  # bad kind → exit 2 before any work
+        _list_artifacts(ctx, flt, cache_dir, mode, limit, fmt, kind or (), sort)
         return
+    parse_sort(sort)  # bad sort field → exit 2 before any work
     with open_catalog(ctx) as catalog:
         refresh_if_dirs(catalog, cache_dir, mode)
         records = query(catalog, flt, sort=sort, limit=limit)
@@ -217,7 +224,7 @@ def list_command(
 
 
 def _list_artifacts(ctx: typer.Context, flt: Any, cache_dir: Optional[Sequence[Path]], mode: str,
-                    limit: Optional[int], fmt: ListFormat) -> None:
+                    limit: Optional[int], fmt: ListFormat, kinds: Sequence[str] = (), sort: Optional[str] = None) -> None:
     from rich.table import Table
 
     from infercache.kernels.query import query_artifacts
@@ -225,23 +232,26 @@ def _list_artifacts(ctx: typer.Context, flt: Any, cache_dir: Optional[Sequence[P
 
     with open_catalog(ctx) as catalog:
         refresh_if_dirs(catalog, cache_dir, mode)
-        records = query_artifacts(catalog, flt, limit)
+        records = query_artifacts(catalog, flt, limit, kinds=kinds, sort=sort)
     if fmt == ListFormat.json:
-        print_json([r.to_json() for r in records])
+        sys.stdout.write(json.dumps([r.to_json() for r in records]) + "\n")
     elif fmt == ListFormat.csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(("path", "cache_root", "kind", "size", "modified", "vllm_hash", "vllm_rank", "vllm_prefix"))
+        writer.writerow(("kind", "key", "path", "cache_root", "mode", "size", "modified", "last_access",
+                         "torch_version", "vllm_hash", "vllm_rank", "vllm_prefix"))
         for r in records:
             j = r.to_json()
-            writer.writerow((r.path, r.cache_root, r.kind, r.size, j["modified"], r.vllm_hash, r.vllm_rank,
+            writer.writerow((r.kind, j["key"], r.path, r.cache_root, r.mode or "", r.size, j["modified"],
+                             j["last_access"] or "", r.torch_version or "", r.vllm_hash or "", r.vllm_rank or "",
                              r.vllm_prefix or ""))
     else:
         table = Table(header_style="bold")
-        for col in ("Kind", "vLLM hash", "Rank", "Prefix", "Size", "Modified", "Path"):
+        for col in ("Kind", "Key", "Torch", "vLLM hash", "Rank", "Size", "Modified", "Path"):
             table.add_column(col, overflow="fold")
         for r in records:
-            table.add_row(r.kind, r.vllm_hash or "-", r.vllm_rank or "-", r.vllm_prefix or "-", format_size(r.size),
-                          _short_time(r.to_json()["modified"]), r.path)
+            j = r.to_json()
+            table.add_row(r.kind, j["key"][:16], r.torch_version or "-", r.vllm_hash or "-", r.vllm_rank or "-",
+                          format_size(r.size), _short_time(j["modified"]), r.path)
         if records:
             console.print(table)
         total = sum(r.size for r in records)
@@ -258,7 +268,7 @@ def _plan_table(plan: Any, limit: int = 50) -> Any:
     for col in ("Action", "Key / path", "Name", "Bytes", "Why"):
         table.add_column(col, justify="right" if col == "Bytes" else "left")
     for a in plan.actions[:limit]:
-        what = {"ir": "remove IR", "dir": "remove entry", "path": "remove"}[a.kind]
+        what = {"ir": "remove IR", "dir": "remove entry", "path": "remove", "files": "remove files"}[a.kind]
         table.add_row(what, a.key[:12] if a.key else str(a.path), a.name or "-", format_size(a.bytes),
                       a.reason if a.kind != "ir" else ", ".join(f.rsplit(".", 1)[-1] for f in a.files))
     if len(plan.actions) > limit:
@@ -285,7 +295,7 @@ def choose_strategy(full: bool, deduplicate: bool, max_size: Optional[str], garb
 
 
 def run_prune(ctx: typer.Context, flt: Any, strategy: str, max_size: Optional[int], dry_run: bool, yes: bool,
-              fmt: OutputFormat) -> None:
+              fmt: OutputFormat, artifacts: bool = False, kinds: Sequence[str] = ()) -> None:
     """Plan, show, confirm, execute: shared by `infercache kernels prune` and `mcm prune`."""
     from infercache.kernels.prune import plan_prune
     from infercache.units import format_size
@@ -293,7 +303,13 @@ def run_prune(ctx: typer.Context, flt: Any, strategy: str, max_size: Optional[in
     with open_catalog(ctx) as catalog:
         if not catalog.roots() and not flt.cache_dirs:
             raise BadInputError("nothing indexed yet: run `infercache kernels index` or pass --cache-dir")
-        plan = plan_prune(catalog, flt, strategy, max_size=max_size)
+        if artifacts:
+            from infercache.kernels.artifact_prune import plan_artifact_prune
+
+            plan = plan_artifact_prune(catalog, flt, {"ir": "free"}.get(strategy, strategy), kinds=kinds,
+                                       max_size=max_size)
+        else:
+            plan = plan_prune(catalog, flt, strategy, max_size=max_size)
         freed = f"{format_size(plan.bytes_freed)} ({plan.bytes_freed} bytes)"
         if fmt == OutputFormat.table:
             if plan.actions:
@@ -320,6 +336,9 @@ def run_prune(ctx: typer.Context, flt: Any, strategy: str, max_size: Optional[in
         err_console.print(f"[yellow]warning:[/] left {path} alone: {why}", highlight=False)
     if fmt == OutputFormat.json:
         print_json({"dry_run": False, **plan.to_json(), "result": result.to_json()})
+    elif artifacts:
+        console.print(f"freed {format_size(result.bytes_freed)} ({result.bytes_freed} bytes): {result.entries_removed} "
+                      f"artifact(s) pruned, {result.paths_removed} file(s) removed", highlight=False)
     else:
         console.print(result.line(), highlight=False)
 
@@ -345,13 +364,24 @@ def prune_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the bytes it frees; change nothing."),
     yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+    artifacts: bool = typer.Option(False, "--artifacts", help="Prune compile-cache artifacts (Inductor, vLLM): by "
+                                   "default only what Inductor rewrites for free; --full whole artifacts; "
+                                   "--max-size LRU over kernels and artifacts of each cache dir."),
+    kind: Optional[List[str]] = KIND,
 ) -> None:
     """Reclaim space: IR files only by default (kernels stay cache hits), or another strategy."""
+    from infercache.kernels.query import normalise_kinds
+
     strategy, size = choose_strategy(full, deduplicate, max_size, garbage)
+    if kind and not artifacts:
+        raise BadInputError("--kind applies to artifacts: add --artifacts")
+    if artifacts and strategy in ("deduplicate", "garbage"):
+        raise BadInputError(f"--{strategy} applies to kernels; with --artifacts use --full or --max-size "
+                            "(the default removes stale locks and temp files)")
     flt = build_filter(name=name, name_like=name_like, backend=backend, arch=arch, older_than=older_than,
                        younger_than=younger_than, hits_lower=cache_hit_lower, hits_higher=cache_hit_higher,
                        cache_dirs=cache_dir, mode=mode)
-    run_prune(ctx, flt, strategy, size, dry_run, yes, fmt)
+    run_prune(ctx, flt, strategy, size, dry_run, yes, fmt, artifacts, normalise_kinds(kind))
 
 
 @app.command("stats")

@@ -130,6 +130,20 @@ _V3_USAGE_COMPILE_TIME = """
 ALTER TABLE usage ADD COLUMN compile_time_s REAL;
 """
 
+#: Compile-cache artifacts of every kind (issue 11): key, mode, files, last access, torch version and
+#: the stat signature that makes re-indexing incremental; the old vLLM-only kinds get the spec's names.
+_V4_ARTIFACTS = """
+ALTER TABLE artifacts ADD COLUMN key TEXT;
+ALTER TABLE artifacts ADD COLUMN mode TEXT;
+ALTER TABLE artifacts ADD COLUMN files_json TEXT;
+ALTER TABLE artifacts ADD COLUMN last_access REAL;
+ALTER TABLE artifacts ADD COLUMN torch_version TEXT;
+ALTER TABLE artifacts ADD COLUMN signature TEXT;
+UPDATE artifacts SET kind = 'vllm-artifact' WHERE kind = 'artifact';
+UPDATE artifacts SET kind = 'aot-model' WHERE kind = 'aot_model';
+CREATE INDEX artifacts_kind ON artifacts(kind, cache_root)
+"""
+
 
 def _script(sql: str) -> Callable[[sqlite3.Connection], None]:
     def apply(conn: sqlite3.Connection) -> None:
@@ -142,7 +156,7 @@ def _script(sql: str) -> Callable[[sqlite3.Connection], None]:
 
 #: MIGRATIONS[i] takes the schema from version i to i+1. Append, never edit.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
-    _script(_V1), _script(_V2), _script(_V3_USAGE_COMPILE_TIME),
+    _script(_V1), _script(_V2), _script(_V3_USAGE_COMPILE_TIME), _script(_V4_ARTIFACTS),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

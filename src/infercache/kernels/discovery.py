@@ -154,6 +154,8 @@ def detect_mode(root: Path) -> str:
         return "vllm"
     if "triton" in names and (names & {"fxgraph", "aotautograd"} or _is_inductor_triton_dir(root / "triton")):
         return "inductor"
+    if names & {"fxgraph", "aotautograd"}:  # a CPU-only torch.compile cache has no triton/ at all
+        return "inductor"
     if any(_looks_like_entry(e) for e in children if _is_dir(e)):
         return "triton"
     # A vLLM hash dir (rank_* children) or a rank dir (prefix/ with cache_key_factors.json) sits
@@ -229,8 +231,8 @@ def _discover_inductor(root: Path) -> Iterator[TritonCacheDir]:
         # Pointed straight at `triton/` or `triton/<device>/`.
         for path in _triton_dirs_under(root) if root.name == "triton" else [root]:
             yield TritonCacheDir(path, "inductor", root, None)
-    else:
-        logger.warning("no Inductor triton/ directory in %s", root)
+    else:  # normal for a CPU-only torch.compile cache; its artifacts are indexed by kernels/inductor.py
+        logger.debug("no Inductor triton/ directory in %s", root)
 
 
 def vllm_info_for(path: Path) -> VllmInfo:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from infercache.errors import BadInputError, InfercacheError
+from infercache.kernels import inductor
 from infercache.kernels.catalog import Catalog
 from infercache.kernels.discovery import VllmInfo
 from infercache.kernels.triton_entry import EntryScan, NotAKernel, scan
@@ -93,7 +94,8 @@ class IndexSummary:
             f"{self.skipped_total} skipped" + (f" ({skipped})" if skipped else "")
         )
         if self.artifacts:
-            text += f", {self.artifacts} vLLM artifacts"
+            kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.extra.get("artifacts_by_kind", {}).items()))
+            text += f", {self.artifacts} artifacts" + (f" ({kinds})" if kinds else "")
         return text + f" in {self.elapsed:.2f}s"
 
     def to_json(self) -> dict[str, Any]:
@@ -109,6 +111,7 @@ class IndexSummary:
             "skipped": dict(self.skipped),
             "problems": [{"path": str(p.path), "kind": p.kind, "reason": p.reason} for p in self.problems],
             "artifacts": self.artifacts,
+            "artifacts_by_kind": dict(self.extra.get("artifacts_by_kind", {})),
             "elapsed_s": round(self.elapsed, 4),
         }
 
@@ -229,7 +232,10 @@ def _index(
     # 2. Per cache dir: compare signatures, parse what changed, write in batches.
     for tcd, children in jobs:
         done = _index_dir(catalog, tcd, children, run, rescan, progress, done, total, workers)
-    # 3. Artifacts, vanished cache dirs, roots.
+    # 3. Artifacts (scanned outside the write lock, unchanged ones reused), vanished cache dirs, roots.
+    scans = {root: inductor.scan_root(root, root_modes[root],
+                                      {} if rescan or root_modes[root] == "triton" else inductor.known_rows(catalog.conn, str(root)))
+             for root in roots}
     now = time.time()
     with catalog.transaction() as conn:
         for root in roots:
@@ -240,21 +246,20 @@ def _index(
             for row in conn.execute("SELECT DISTINCT parent FROM skipped WHERE cache_root = ?", (str(root),)).fetchall():
                 if row["parent"] not in live_dirs:
                     conn.execute("DELETE FROM skipped WHERE parent = ?", (row["parent"],))
-            conn.execute("DELETE FROM artifacts WHERE cache_root = ?", (str(root),))
+            inductor.write_scan(conn, str(root), scans[root], now)
             conn.execute(
                 "INSERT INTO roots(path, mode, indexed_at) VALUES (?, ?, ?) "
                 "ON CONFLICT(path) DO UPDATE SET mode = excluded.mode, indexed_at = excluded.indexed_at",
                 (str(root), root_modes[root], now),
             )
-        conn.executemany(
-            "INSERT OR REPLACE INTO artifacts(path, cache_root, kind, size, modified, vllm_hash, vllm_rank, "
-            "vllm_prefix, indexed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (str(a.path), str(a.cache_root), a.kind, a.size, a.modified, a.vllm.hash, a.vllm.rank, a.vllm.prefix, now)
-                for a in artifacts
-            ],
-        )
-        run.artifacts = len(artifacts)
+        by_kind: dict[str, int] = {}
+        for scan in scans.values():
+            for kind, n in scan.by_kind().items():
+                by_kind[kind] = by_kind.get(kind, 0) + n
+            for note in scan.noise:
+                run.skipped[note.kind] = run.skipped.get(note.kind, 0) + 1
+            run.problems.extend(SkipNote(Path(p.path), p.kind, p.reason) for p in scan.problems)
+        run.artifacts = sum(by_kind.values())
         placeholders = ",".join("?" * len(roots))
         count, size = conn.execute(
             f"SELECT count(*), coalesce(sum(total_size), 0) FROM entries WHERE cache_root IN ({placeholders})",
@@ -276,6 +281,7 @@ def _index(
         total_size=size,
         elapsed=time.perf_counter() - started,
         cache_dirs=len(jobs),
+        extra={"artifacts_by_kind": dict(sorted(by_kind.items()))},
     )
     logger.info("%s", summary.line())
     return summary

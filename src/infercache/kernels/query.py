@@ -305,8 +305,29 @@ def metadata_of(catalog: Catalog, entry_id: int) -> dict[str, Any]:
     return json.loads(row[0]) if row else {}
 
 
+ARTIFACT_KINDS: tuple[str, ...] = ("fxgraph", "aotautograd", "module", "autotune", "vllm-artifact", "vllm-graph",
+                                   "aot-model")
+#: Sort field (CLI name) → SQL expression, for `list --artifacts`.
+ARTIFACT_SORT_FIELDS: Mapping[str, str] = {
+    "kind": "e.kind", "key": "e.key", "name": "e.key", "size": "e.size", "total_size": "e.size",
+    "modified": "e.modified", "age": "e.modified", "last_access": "e.last_access", "path": "e.path",
+    "mode": "e.mode", "torch_version": "e.torch_version", "version": "e.torch_version",
+}
+
+
+def normalise_kinds(kinds: Sequence[str] | None) -> tuple[str, ...]:
+    """Validated artifact kinds (BadInputError names the bad one); empty means all."""
+    out = []
+    for kind in kinds or ():
+        k = kind.strip().lower()
+        if k not in ARTIFACT_KINDS:
+            raise BadInputError(f"unknown artifact kind {kind!r} (expected one of {', '.join(ARTIFACT_KINDS)})")
+        out.append(k)
+    return tuple(dict.fromkeys(out))
+
+
 class ArtifactRecord(NamedTuple):
-    """An opaque vLLM artifact (binary compile artifact, AOT `model`): size, time, where."""
+    """One compile-cache artifact row as `list --artifacts` shows it (spec shape from `to_json`)."""
 
     path: str
     cache_root: str
@@ -316,26 +337,82 @@ class ArtifactRecord(NamedTuple):
     vllm_hash: str | None
     vllm_rank: str | None
     vllm_prefix: str | None
+    key: str | None
+    mode: str | None
+    files_json: str | None
+    last_access: float | None
+    torch_version: str | None
+
+    @property
+    def files(self) -> dict[str, int]:
+        return json.loads(self.files_json) if self.files_json else {}
+
+    @property
+    def last_used(self) -> float:
+        """Last access when known, else modification time (LRU order for --max-size)."""
+        return self.last_access if self.last_access is not None else self.modified
 
     def to_json(self) -> dict[str, Any]:
+        vllm = None
+        if self.vllm_hash is not None or self.vllm_rank is not None:
+            vllm = {"hash": self.vllm_hash, "rank": self.vllm_rank, "prefix": self.vllm_prefix}
         return {
+            "kind": self.kind,
+            "key": self.key or os.path.basename(self.path),
             "path": self.path,
             "cache_root": self.cache_root,
-            "kind": self.kind,
+            "mode": self.mode,
             "size": self.size,
+            "files": self.files,
             "modified": iso(self.modified),
-            "vllm": {"hash": self.vllm_hash, "rank": self.vllm_rank, "prefix": self.vllm_prefix},
+            "last_access": iso(self.last_access),
+            "torch_version": self.torch_version,
+            "vllm": vllm,
         }
 
 
-def query_artifacts(catalog: Catalog, flt: KernelFilter | None = None, limit: int | None = None) -> list[ArtifactRecord]:
-    """vLLM artifacts, newest first; only the cache-dir and age parts of `flt` apply to them."""
+def query_artifacts(
+    catalog: Catalog,
+    flt: KernelFilter | None = None,
+    limit: int | None = None,
+    *,
+    kinds: Sequence[str] | None = None,
+    sort: str | None = None,
+    now: float | None = None,
+) -> list[ArtifactRecord]:
+    """Artifacts matching the cache-dir, mode, age and name (= key) parts of `flt` and `kinds`.
+
+    Default order: newest first; `sort` takes `FIELD[:asc|desc]` over ARTIFACT_SORT_FIELDS.
+    """
     flt = flt or KernelFilter()
+    if limit is not None and limit < 0:
+        raise BadInputError(f"--limit must not be negative: {limit}")
     where, params = KernelFilter(cache_dirs=flt.cache_dirs, older_than=flt.older_than,
-                                 younger_than=flt.younger_than).where()
+                                 younger_than=flt.younger_than, mode=flt.mode).where(now)
+    if flt.name is not None:
+        where += " AND e.key = ?"
+        params.append(flt.name)
+    if flt.name_like is not None:
+        where += " AND e.key GLOB ?"
+        params.append(flt.name_like)
+    wanted = normalise_kinds(kinds)
+    if wanted:
+        where += f" AND e.kind IN ({','.join('?' * len(wanted))})"
+        params.extend(wanted)
+    order = "e.modified DESC, e.path"
+    if sort:
+        field, _, direction = sort.partition(":")
+        field = field.strip().lower()
+        if field not in ARTIFACT_SORT_FIELDS:
+            raise BadInputError(f"unknown sort field {field!r} for artifacts "
+                                f"(expected one of {', '.join(sorted(ARTIFACT_SORT_FIELDS))})")
+        direction = direction.strip().lower() or "asc"
+        if direction not in ("asc", "desc"):
+            raise BadInputError(f"unknown sort order {direction!r} in {sort!r} (expected asc or desc)")
+        order = f"{ARTIFACT_SORT_FIELDS[field]} {direction.upper()} NULLS LAST, e.path"
     sql = (
-        "SELECT e.path, e.cache_root, e.kind, e.size, e.modified, e.vllm_hash, e.vllm_rank, e.vllm_prefix "
-        f"FROM artifacts e WHERE {where} ORDER BY e.modified DESC, e.path"
+        "SELECT e.path, e.cache_root, e.kind, e.size, e.modified, e.vllm_hash, e.vllm_rank, e.vllm_prefix, "
+        f"e.key, e.mode, e.files_json, e.last_access, e.torch_version FROM artifacts e WHERE {where} ORDER BY {order}"
     )
     if limit is not None:
         sql += " LIMIT ?"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from infercache.gpu.compat import installed_triton_version
 from infercache.kernels.catalog import Catalog
 from infercache.kernels.query import KernelFilter
 from infercache.kernels.triton_entry import IR_TYPES
@@ -84,6 +85,7 @@ class CacheStats:
     installed_triton_version: str | None = None
     top_kernels: tuple[KernelHits, ...] = ()
     never_hit: Group = Group(0, 0)
+    artifacts_by_kind: Mapping[str, Group] = field(default_factory=dict)
 
     @property
     def other_triton_entries(self) -> int:
@@ -115,6 +117,7 @@ class CacheStats:
             "cache_dirs": list(self.cache_dirs),
             "skipped": {k: v.to_json() for k, v in self.skipped.items()},
             "artifacts": self.artifacts.to_json(),
+            "artifacts_by_kind": {k: v.to_json() for k, v in self.artifacts_by_kind.items()},
             "installed_triton_version": self.installed_triton_version,
             "other_triton_entries": self.other_triton_entries,
         }
@@ -188,16 +191,6 @@ def compute_stats(catalog: Catalog, flt: KernelFilter | None = None, top: int = 
         skipped=skipped,
         artifacts=Group(art[0], art[1]),
         installed_triton_version=installed_triton_version(),
+        artifacts_by_kind=by_kind,
     )
 
-
-def installed_triton_version() -> str | None:
-    """The Triton installed here, from package metadata (importing triton would take ~1 s)."""
-    from importlib import metadata
-
-    for dist in ("triton", "pytorch-triton", "pytorch-triton-rocm"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
