@@ -134,7 +134,7 @@ class DiskTier(Tier):
             with self._lock:
                 buf = self._take_buffer(head.nbytes)
             body = buf[: head.nbytes]
-            if isinstance(payload, np.ndarray) and payload.dtype != np.uint8:
+            if isinstance(payload, np.ndarray):
                 body.view(payload.dtype).reshape(payload.shape)[...] = payload
             else:
                 body[:] = np.frombuffer(payload, dtype=np.uint8)

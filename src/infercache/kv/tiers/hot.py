@@ -150,7 +150,7 @@ class HotTier(Tier):
         buf[:HEADER_BYTES] = np.frombuffer(head.pack(kb), dtype=np.uint8)
         buf[HEADER_BYTES : HEADER_BYTES + len(kb)] = np.frombuffer(kb, dtype=np.uint8)
         body = buf[HEADER_BYTES + len(kb) :]
-        if isinstance(payload, np.ndarray) and payload.dtype != np.uint8:
+        if isinstance(payload, np.ndarray):
             body.view(payload.dtype).reshape(payload.shape)[...] = payload
         else:
             body[:] = np.frombuffer(payload, dtype=np.uint8)

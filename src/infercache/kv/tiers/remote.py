@@ -72,6 +72,7 @@ class RemoteTier(Tier):
         self._down_until = 0.0
         self._backoff = 0.0
         self._in_outage = False
+        self._staging: Any = None
 
     # --------------------------------------------------------------- failure handling
     def available(self) -> bool:
@@ -120,7 +121,23 @@ class RemoteTier(Tier):
         return self._guard("exists", run, [False] * len(keys))
 
     def put(self, key: str, head: ChunkHeader, payload: Any, ttl: float | None = None) -> bool:
-        data = memoryview(payload).cast("B") if not isinstance(payload, (bytes, bytearray)) else payload
+        with self._lock:
+            return self._put(key, head, payload, ttl)
+
+    def _contiguous(self, payload: Any) -> Any:
+        """The payload's bytes, contiguous: strided arrays go through a reused staging buffer."""
+        import numpy as np
+
+        if isinstance(payload, np.ndarray) and not payload.flags.c_contiguous:
+            if self._staging is None or self._staging.nbytes < payload.nbytes:
+                self._staging = np.empty(payload.nbytes, dtype=np.uint8)
+            body = self._staging[: payload.nbytes]
+            body.view(payload.dtype).reshape(payload.shape)[...] = payload
+            return memoryview(body)
+        return memoryview(payload).cast("B")
+
+    def _put(self, key: str, head: ChunkHeader, payload: Any, ttl: float | None) -> bool:
+        data = self._contiguous(payload)
         if head.crc is None:
             head = ChunkHeader(head.dtype, head.kind, head.shape, head.nbytes, head.expires, zlib.crc32(data), head.flags)
         flags = head.flags & ~F_ZSTD
@@ -142,7 +159,7 @@ class RemoteTier(Tier):
             d, m = self._names(key)
             pipe = self.client.pipeline(transaction=False)
             pipe.set(d, data, ex=ex)
-            pipe.set(m, head.pack(kb), ex=ex)
+            pipe.set(m, head.pack(kb) + kb, ex=ex)
             pipe.execute()
             return True
 

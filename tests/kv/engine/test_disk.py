@@ -1,0 +1,109 @@
+"""Disk tier: async bounded writes, restart recovery, partial files, checksums, disk full."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infercache.kv.tiers.disk import SUFFIX, TMP_PREFIX
+from tests.kv.engine.conftest import kv_for, needs_root_mount
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX))
+
+
+def test_restart_finds_every_fully_written_chunk(make_engine, tmp_path) -> None:
+    disk = tmp_path / "disk"
+    tokens = list(range(12))
+    kv = kv_for(12)
+    first = make_engine(local_disk=str(disk))
+    assert first.store(tokens, kv) == 12
+    first.close()  # drains the async writes
+    assert len(_files(disk)) == 3
+    (disk / f"{TMP_PREFIX}999999999-{uuid.uuid4().hex}.part").write_bytes(b"half a chunk")  # a crashed writer
+    truncated = _files(disk)[0]
+    keep = truncated.read_bytes()
+    truncated.write_bytes(keep[: len(keep) // 2])  # cut short by a crash
+    second = make_engine(local_disk=str(disk))  # a new engine, a new (empty) hot pool
+    assert not any(p.name.startswith(TMP_PREFIX) for p in disk.iterdir())
+    assert len(_files(disk)) == 2 and not truncated.exists()
+    truncated.write_bytes(keep)  # put it back whole: a third engine indexes all three
+    third = make_engine(local_disk=str(disk))
+    assert third.locate(tokens) == ["disk"] * 3
+    mask, out = third.retrieve(tokens)
+    assert bool(mask.all()) and np.array_equal(out, kv)
+    assert third.locate(tokens) == ["hot"] * 3  # promoted
+
+
+def test_corrupted_chunk_is_a_counted_miss_and_removed(make_engine, tmp_path) -> None:
+    engine = make_engine(disk=True)
+    tokens = list(range(8))
+    engine.store(tokens, kv_for(8))
+    engine.flush()
+    engine.clear("hot")
+    victim = engine._tiers["disk"].path_of(engine.db.keys(tokens)[1])
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    mask, out = engine.retrieve(tokens)
+    assert mask.tolist() == [True] * 4 + [False] * 4 and out.shape[2] == 4
+    assert not victim.exists()
+    assert engine.stats().tiers["disk"].errors == 1
+    assert engine.lookup(tokens) == 4
+
+
+def test_store_returns_before_the_disk_write_and_reads_see_queued_chunks(make_engine) -> None:
+    engine = make_engine(disk=True, disk_writers=1, disk_queue=2)
+    kvs = [kv_for(4, seed=i) for i in range(6)]
+    for i, kv in enumerate(kvs):  # more chunks than queue slots: store waits for a slot, never fails
+        engine.store([i] * 4, kv)
+    engine.clear("hot")
+    for i, kv in enumerate(kvs):
+        _, out = engine.retrieve([i] * 4)
+        assert np.array_equal(out, kv)
+    engine.flush()
+    assert len(_files(Path(engine.config.local_disk))) == 6
+
+
+def test_disk_cap_evicts_by_policy(make_engine) -> None:
+    one = kv_for(4, layers=4, hidden=64).nbytes  # 4 KiB per chunk
+    engine = make_engine(disk=True, local_disk_size=3 * (one + 200), write_policy="write_through")
+    for i in range(5):
+        engine.store([i] * 4, kv_for(4, layers=4, hidden=64, seed=i))
+    engine.flush()
+    engine.clear("hot")
+    assert [engine.lookup([i] * 4) for i in range(5)] == [0, 0, 4, 4, 4]
+    assert engine.stats().tiers["disk"].evictions == 2
+
+
+def test_disk_full_leaves_no_partial_file_and_the_engine_goes_on(make_engine, tmp_path) -> None:
+    """A real full filesystem: a 256 KiB tmpfs mounted for the test (needs root)."""
+    needs_root_mount()
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        engine = make_engine(local_disk=str(mnt), local_disk_size="10M")
+        big = kv_for(4, layers=16, hidden=512)  # 128 KiB per chunk: the second one no longer fits
+        for i in range(3):
+            engine.store([i] * 4, big)
+        engine.flush()
+        assert len(_files(mnt)) == 1
+        assert not any(p.name.startswith(TMP_PREFIX) for p in mnt.iterdir())
+        assert engine.stats().tiers["disk"].errors == 2
+        engine.clear("hot")
+        assert [engine.lookup([i] * 4) for i in range(3)] == [4, 0, 0]
+        engine.store([9] * 4, kv_for(4))  # small chunks still go to disk
+        engine.flush()
+        assert len(_files(mnt)) == 2
+        engine.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert os.path.isdir(mnt)
