@@ -90,7 +90,7 @@ def test_disk_full_leaves_no_partial_file_and_the_engine_goes_on(make_engine, tm
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        engine = make_engine(local_disk=str(mnt), local_disk_size="10M")
+        engine = make_engine(local_disk=str(mnt), local_disk_size="10M", disk_writers=1)  # writes in order
         big = kv_for(4, layers=16, hidden=512)  # 128 KiB per chunk: the second one no longer fits
         for i in range(3):
             engine.store([i] * 4, big)
