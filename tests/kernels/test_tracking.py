@@ -160,3 +160,42 @@ def test_listener_chained_and_dump_override_managers_not_counted(tmp_path: Path,
     hits, misses, _, compile_time = _usage(data_dir)[first.key]
     assert (hits, misses) == (1, 1) and compile_time is not None and compile_time > 0
     assert triton.knobs.cache.manager_class is None and "TRITON_CACHE_MANAGER" not in os.environ
+
+
+def test_stats_hit_rate_top_kernels_never_hit_and_zero(triton_cache: Path, data_dir: Path) -> None:
+    """Counts as a tracker leaves them → `stats` / `list` show them; `--zero` resets (ccache -z)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from infercache.cli.app import app
+    from infercache.kernels.query import KernelFilter
+    from infercache.kernels.stats import zero_counters
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["kernels", "index", "--cache-dir", str(triton_cache)]).exit_code == 0
+    listed = json.loads(runner.invoke(app, ["kernels", "list", "--format", "json"]).stdout)
+    k1, k2 = listed[0], listed[1]
+    now = time.time()
+    with Catalog.open(data_dir) as cat:
+        cat.record_usage_batch([(k1["key"], 10, 2, now, 0.5), (k2["key"], 3, 1, now, None),
+                                ("NOT-INDEXED-YET", 7, 0, now, None)])
+    r = runner.invoke(app, ["kernels", "stats", "--format", "json"])
+    stats = json.loads(r.stdout)
+    assert (stats["hits"], stats["misses"]) == (13, 3) and stats["hit_rate"] == pytest.approx(13 / 16)
+    assert [(t["key"], t["hits"], t["misses"]) for t in stats["top_kernels"]] == [
+        (k1["key"], 10, 2), (k2["key"], 3, 1)]
+    assert stats["top_kernels"][0]["hit_rate"] == pytest.approx(10 / 12)
+    assert stats["top_kernels"][0]["compile_time_s"] == 0.5
+    others = [e for e in listed if e["key"] not in (k1["key"], k2["key"])]
+    assert stats["never_hit"] == {"entries": len(others), "total_size": sum(e["total_size"] for e in others)}
+    table = runner.invoke(app, ["kernels", "stats"]).output
+    assert "Most hit kernels" in table and "Never hit" in table
+    row = {e["key"]: e for e in json.loads(runner.invoke(app, ["kernels", "list", "--format", "json"]).stdout)}
+    assert (row[k1["key"]]["hits"], row[k1["key"]]["misses"]) == (10, 2) and row[k1["key"]]["last_access"]
+    with Catalog.open(data_dir) as cat:  # a filter resets only what it selects
+        assert zero_counters(cat, KernelFilter(name=k2["name"], backend=k2["backend"], arch=k2["arch"])) >= 1
+    assert _usage(data_dir)[k1["key"]][:2] == (10, 2) and _usage(data_dir)[k2["key"]][:2] == (0, 0)
+    r = runner.invoke(app, ["kernels", "stats", "--zero", "--format", "json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["hits"] == 10  # shown, then reset
+    assert all(v[:2] == (0, 0) for v in _usage(data_dir).values())  # not-indexed counts too
