@@ -22,6 +22,7 @@ from infercache.cli.common import (
     handle_errors,
     print_json,
 )
+from infercache.cli.kv_serve import serve_command
 from infercache.errors import BadInputError, InfercacheError
 from infercache.units import format_size, parse_size
 
@@ -405,3 +406,6 @@ def policies(
     for key, text in POLICIES.items():
         table.add_row(key, text)
     console.print(table)
+
+
+app.command("serve")(serve_command)
