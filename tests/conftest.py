@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.helpers import require_tool  # noqa: F401  (re-exported for test modules)
+
+if TYPE_CHECKING:
+    from tests.torchcache import TorchCache
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
@@ -32,6 +36,16 @@ def triton_cache(sample_cache_master: Path, tmp_path: Path) -> Path:
     from tests.helpers import copy_triton_cache
 
     return copy_triton_cache(sample_cache_master, tmp_path / "triton-cache")
+
+
+@pytest.fixture(scope="session")
+def torch_cache_master(tmp_path_factory: pytest.TempPathFactory) -> "TorchCache":
+    """A real torch.compile (Inductor, CPU) cache of three small models, compiled once per session."""
+    if os.environ.get("CI") != "true":  # under CI a missing torch is a failure, not a skip
+        pytest.importorskip("torch")
+    from tests.torchcache import build_master
+
+    return build_master(tmp_path_factory.mktemp("torch-master"))
 
 
 @pytest.fixture()

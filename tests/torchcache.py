@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,45 @@ def run_fresh(cache_dir: str | os.PathLike[str], *, save_mega: str | os.PathLike
     if proc.returncode != 0:
         raise RuntimeError(f"torch.compile run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@dataclass(frozen=True)
+class TorchCache:
+    """A real Inductor cache made by one cold `run` (the session's master: copy it before changing it)."""
+
+    root: Path
+    cold: dict[str, Any]  # the cold run's result (compile_work > 0: the counter sees real work)
+    mega: Path  # torch.compiler.save_cache_artifacts() of the same run
+
+    def copy(self, dest: str | os.PathLike[str]) -> Path:
+        """A private copy (Inductor's cache is relocatable: a copy is as warm as the original)."""
+        import shutil
+
+        shutil.copytree(self.root, dest, symlinks=True)
+        return Path(dest)
+
+
+def build_master(base: Path) -> TorchCache:
+    """Compile the three models cold into `base/inductor` (about 10-30 s on CPU); once per session."""
+    root = base / "inductor"
+    mega = base / "mega.bin"
+    cold = run_fresh(root, save_mega=mega)
+    if cold["compile_work"] == 0:
+        raise RuntimeError(f"a cold torch.compile did no compile work: {cold}")
+    return TorchCache(root, cold, mega)
+
+
+def frame_binary_artifact(payload: bytes, key: str = "artifact") -> bytes:
+    """`payload` in torch's binary artifact framing (`CompiledArtifact.save(format="binary")`):
+    CRC32 of the rest, then length-prefixed header, torch key, key and the artifact bytes."""
+    import base64
+    import zlib
+
+    def framed(b: bytes) -> bytes:
+        return len(b).to_bytes(8, "big") + b
+
+    body = framed(b"CompiledArtifact") + framed(b"\0" * 32) + framed(base64.b64encode(key.encode())) + framed(payload)
+    return zlib.crc32(body).to_bytes(4, "big") + body
 
 
 def main() -> None:

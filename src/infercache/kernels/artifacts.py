@@ -137,7 +137,9 @@ def check_pickle(data: bytes) -> str | None:
         for _op, _arg, _pos in pickletools.genops(data):
             pass
     except Exception as exc:  # noqa: BLE001 - any parse failure means a damaged entry
-        return f"truncated or corrupt pickle ({str(exc)[:60]})"
+        if any(m in str(exc) for m in ("exhausted", "remain", "not enough data")):
+            return "truncated pickle (ends before its STOP opcode)"
+        return f"corrupt pickle ({str(exc)[:60]})"
     return None
 
 

@@ -166,7 +166,7 @@ class _Scanner:
             if check in ("pickle", "aot"):
                 why = A.check_pickle(data) if st.st_size <= A.VERSION_READ_LIMIT else None
                 if why:
-                    return None, ("truncated" if "truncated" in why or "empty" in why else "unparsable", why)
+                    return None, ("truncated" if why.startswith(("truncated", "empty")) else "unparsable", why)
                 if check == "aot":
                     self.aot_links[path] = A.fx_keys_in(data)
                 version = version or A.torch_version_in(data)
