@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from infercache.cli.mcv import normalize_image
 from infercache.errors import BadInputError
+from infercache.vault.reference import ImageReference
 from tests.registry.conftest import PASSWORD, USER, Registry, skopeo
 
 
@@ -22,20 +22,31 @@ def mcv(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 @pytest.mark.parametrize(("given", "expected"), [
     ("quay.io/x/y:tag", "docker://quay.io/x/y:tag"),
-    ("127.0.0.1:5000/a/b", "docker://127.0.0.1:5000/a/b"),
-    ("localhost/a", "docker://localhost/a"),
+    ("127.0.0.1:5000/a/b", "docker://127.0.0.1:5000/a/b:latest"),
+    ("localhost/a", "docker://localhost/a:latest"),
     ("team/img:1", "docker://docker.io/team/img:1"),
-    ("img", "docker://docker.io/library/img"),
+    ("img", "docker://docker.io/library/img:latest"),
     ("oci:/tmp/x:v1", "oci:/tmp/x:v1"),
     ("docker-archive:/tmp/a.tar", "docker-archive:/tmp/a.tar"),
 ])
-def test_normalize_image(given: str, expected: str) -> None:
-    assert normalize_image(given) == expected
+def test_image_names_read_with_dockers_rules(given: str, expected: str) -> None:
+    assert str(ImageReference.from_image_name(given)) == expected
 
 
-def test_normalize_empty() -> None:
+@pytest.mark.parametrize("bad", [" ", "UPPER/case", "quay.io/"])
+def test_bad_image_names(bad: str) -> None:
     with pytest.raises(BadInputError):
-        normalize_image(" ")
+        ImageReference.from_image_name(bad)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--creds", "no-colon"], "USER:PASS"),
+    (["--authfile", "/nonexistent/auth.json"], "/nonexistent/auth.json"),
+])
+def test_bad_credentials_flags_are_bad_input(flags: list[str], message: str) -> None:
+    """mcv checks --creds and --authfile as `vault` does: exit 2 before any transfer."""
+    result = mcv("--check-compat", "-i", "oci:/nonexistent/layout", *flags)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
 def test_flags_need_exactly_one_action() -> None:
@@ -137,10 +148,11 @@ def test_extract_without_gpu_or_target_refuses(registry: Registry, triton_cache:
 
 def test_baremetal_check_removes_only_incompatible(triton_cache: Path) -> None:
     """-b's post-extraction check, given entries of several targets, removes only the foreign ones."""
-    from infercache.cli.mcv import baremetal_check
+    from infercache.vault.baremetal import baremetal_check
 
     by_target = _keys_by_target(triton_cache)
     keys = sorted(k for v in by_target.values() for k in v)
-    result = baremetal_check(triton_cache, keys, ["cuda:80"])
+    result = baremetal_check(triton_cache, [*keys, ".", "..", "../x"], ["cuda:80"]).to_json()
+    assert result["checked"] == len(keys)
     assert sorted(result["removed"]) == sorted(keys_ for t, v in by_target.items() if t != ("cuda", "80") for keys_ in v)
     assert _keys_by_target(triton_cache) == {("cuda", "80"): by_target[("cuda", "80")]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -10,10 +11,20 @@ import sys
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 
 from infercache.errors import InfercacheError
 
@@ -53,16 +64,22 @@ def global_options(ctx: typer.Context | None) -> GlobalOptions:
     return GlobalOptions()
 
 
-def setup_logging(verbosity: int) -> None:
-    """-v/-vv/-vvv → WARNING/INFO/DEBUG; warnings (corrupt entries...) show even without -v."""
-    level = logging.WARNING if verbosity <= 1 else logging.INFO if verbosity == 2 else logging.DEBUG
-    from rich.logging import RichHandler
+def setup_logging(verbosity: int = 0, *, level: int | str | None = None) -> None:
+    """The one logging set-up of every command: library records on stderr through Rich.
 
+    -v/-vv/-vvv → WARNING/INFO/DEBUG (warnings such as corrupt entries show even without -v);
+    `level` (a logging level or its name, as mcv's --log-level gives it) overrides the count.
+    """
+    if level is None:
+        level = logging.WARNING if verbosity <= 1 else logging.INFO if verbosity == 2 else logging.DEBUG
+    elif isinstance(level, str):
+        level = logging.getLevelName(level.upper())
+        if not isinstance(level, int):
+            raise ValueError(f"unknown log level {level!r}")
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = RichHandler(console=err_console, show_time=False, show_path=verbosity >= 3)
-    root.addHandler(handler)
+    root.addHandler(RichHandler(console=err_console, show_time=False, show_path=level <= logging.DEBUG))
     root.setLevel(level)
 
 
@@ -72,8 +89,18 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def os_error_message(exc: OSError) -> str:
+    """'Permission denied: /path' rather than "[Errno 13] Permission denied: '/path'"."""
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
 def handle_errors(func: F) -> F:
-    """Turn library exceptions into a one-line message and the spec's exit code."""
+    """Turn library exceptions into a one-line message and the spec's exit code.
+
+    An OSError that reaches here (permission denied, disk full...) is the operation failing
+    (exit 1), not a bug: one line, no traceback.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -81,10 +108,32 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except InfercacheError as exc:
             raise fail(str(exc), exc.exit_code) from None
+        except OSError as exc:
+            raise fail(os_error_message(exc), 1) from None
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, *, in_bytes: bool = False) -> Iterator[ProgressCallback | None]:
+    """A transient Rich progress bar on stderr when it is a terminal (else no callback): the callback
+    takes (done, total); `in_bytes` shows sizes and speed, otherwise counts and elapsed time."""
+    if not err_console.is_terminal:
+        yield None
+        return
+    columns = (DownloadColumn(), TransferSpeedColumn()) if in_bytes else (MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(TextColumn(description), BarColumn(), *columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
 
 
 def print_json(obj: Any) -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import typer
+from rich.table import Table
 
 from infercache.cli.common import OutputFormat, console, handle_errors, print_json
+from infercache.gpu import detect
+from infercache.gpu.compat import installed_triton_version
+from infercache.gpu.targets import format_ptx_version
 
 
 @handle_errors
@@ -12,11 +16,7 @@ def gpu_command(
     format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
     """Show local GPUs and their Triton targets (what `vault check`/`unpack` match against)."""
-    from infercache.gpu.compat import installed_triton_version
-    from infercache.gpu.detect import detect_gpus
-    from infercache.gpu.targets import format_ptx_version
-
-    gpus = detect_gpus()
+    gpus = detect.detect_gpus()
     if format == OutputFormat.json:
         print_json([gpu.to_json() for gpu in gpus])
         return
@@ -24,8 +24,6 @@ def gpu_command(
         console.print("No GPU found (looked at NVML, amdsmi, amd-smi, rocm-smi, the KFD topology and torch).")
         console.print("Use --target BACKEND:ARCH[:WARP] (e.g. cuda:90, hip:gfx942) with `vault check`/`unpack`.")
         return
-    from rich.table import Table
-
     table = Table(title=f"Local GPUs (Triton {installed_triton_version() or 'not installed'})")
     for column in ("#", "Name", "Target", "Backend", "Arch", "Warp", "Driver", "CUDA", "Max PTX", "Source"):
         table.add_column(column, justify="right" if column in ("#", "Warp") else "left")

@@ -6,7 +6,7 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import typer
 
@@ -18,6 +18,7 @@ from infercache.cli.common import (
     global_options,
     handle_errors,
     print_json,
+    progress_bar,
 )
 from infercache.cli.warm import warm_command
 from infercache.errors import BadInputError
@@ -68,33 +69,12 @@ def build_filter(
     )
 
 
-def _progress() -> Iterator[Callable[[int, int], None] | None]:
-    """A Rich progress bar on stderr for long scans (only on a terminal)."""
-    if not err_console.is_terminal:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("indexing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=True) as bar:
-        task = bar.add_task("index", total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
 def run_index(catalog: Any, cache_dirs: Optional[Sequence[Path]], mode: str, rescan: bool = False) -> Any:
     """Index with a progress bar; the library does the work."""
     from infercache.kernels.indexer import index
 
-    gen = _progress()
-    callback = next(gen)
-    try:
+    with progress_bar("indexing") as callback:
         return index(catalog, cache_dirs or None, mode=mode, progress=callback, rescan=rescan)
-    finally:
-        gen.close()
 
 
 def refresh_if_dirs(catalog: Any, cache_dirs: Optional[Sequence[Path]], mode: str) -> None:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, List, Optional
 
 import typer
+from rich.table import Table
 
-from infercache.cli.common import OutputFormat, console, err_console, handle_errors, print_json
+from infercache.cli.common import OutputFormat, console, err_console, handle_errors, print_json, progress_bar
+from infercache.units import format_size
+from infercache.vault.auth import registry_options
+from infercache.vault.check import check_image
+from infercache.vault.copy import copy_image
+from infercache.vault.inspect import inspect_image
+from infercache.vault.pack import COMPRESSIONS, FORMATS, pack
+from infercache.vault.unpack import unpack
 
 app = typer.Typer(
     help="Kernel caches as OCI images: pack, inspect, check, unpack, copy (no container daemon needed).",
@@ -17,15 +24,9 @@ app = typer.Typer(
 )
 
 
-class ImageFormat(str, Enum):
-    oci = "oci"
-    docker = "docker"
-
-
-class Compression(str, Enum):
-    gzip = "gzip"
-    zstd = "zstd"
-    none = "none"
+#: The choices pack accepts, as Typer enums (the lists themselves live in infercache.vault.pack).
+ImageFormat = Enum("ImageFormat", {name: name for name in FORMATS}, type=str)  # type: ignore[misc]
+Compression = Enum("Compression", {name: name for name in COMPRESSIONS}, type=str)  # type: ignore[misc]
 
 
 class PackMode(str, Enum):
@@ -40,59 +41,6 @@ CREDS = typer.Option(None, "--creds", help="Registry credentials USER:PASS.")
 TARGETS = typer.Option(None, "--target", help="BACKEND:ARCH[:WARP] to use instead of the local GPUs (repeatable).")
 
 
-def os_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Disk full, permission denied... become a one-line error (exit 1), not a traceback."""
-    import functools
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from infercache.errors import InfercacheError
-
-        try:
-            return func(*args, **kwargs)
-        except OSError as exc:
-            raise InfercacheError(str(exc)) from exc
-
-    return wrapper
-
-
-def _options(tls_verify: bool, authfile: Optional[Path], creds: Optional[str]) -> Any:
-    from infercache.errors import BadInputError
-    from infercache.vault.transport import RegistryOptions
-
-    if authfile is not None and not authfile.is_file():
-        raise BadInputError(f"--authfile {authfile}: no such file")
-    if creds is not None and ":" not in creds:
-        raise BadInputError("--creds must be USER:PASS")
-    return RegistryOptions(tls_verify=tls_verify, authfile=authfile, creds=creds)
-
-
-@contextlib.contextmanager
-def _progress(description: str) -> Iterator[Optional[Callable[[int, int], None]]]:
-    """A Rich progress bar on stderr when it is a terminal; no callback otherwise."""
-    if not err_console.is_terminal:
-        yield None
-        return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
-    with Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        console=err_console, transient=True,
-    ) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
-def _size(n: int) -> str:
-    from infercache.units import format_size
-
-    return format_size(n)
-
-
 def _targets_text(targets: list[dict[str, Any]]) -> str:
     out = []
     for t in targets:
@@ -105,29 +53,27 @@ def _targets_text(targets: list[dict[str, Any]]) -> str:
 
 @app.command("pack")
 @handle_errors
-@os_errors
 def pack_command(
     cache_dir: Path = typer.Argument(..., help="The cache directory to pack."),
     image_ref: str = typer.Argument(..., help="oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG], docker://HOST/REPO[:TAG]."),
     mode: PackMode = typer.Option(PackMode.auto, "--mode", help="auto, triton or vllm."),
-    fmt: ImageFormat = typer.Option(ImageFormat.oci, "--format", help="oci or docker media types."),
-    compression: Compression = typer.Option(Compression.gzip, "--compression", help="gzip, zstd or none (docker: gzip only)."),
+    fmt: ImageFormat = typer.Option("oci", "--format", help="oci or docker media types."),  # type: ignore[valid-type]
+    compression: Compression = typer.Option(  # type: ignore[valid-type]
+        "gzip", "--compression", help="gzip, zstd or none (docker: gzip only)."),
     name: Optional[str] = typer.Option(None, "--name", help="Image title (org.opencontainers.image.title)."),
     tls_verify: bool = TLS,
     authfile: Optional[Path] = AUTHFILE,
     creds: Optional[str] = CREDS,
 ) -> None:
     """Pack a Triton or vLLM cache into an image, without any container daemon."""
-    from infercache.vault.pack import pack
-
-    options = _options(tls_verify, authfile, creds)
-    with _progress("packing") as progress:
+    options = registry_options(tls_verify, authfile, creds)
+    with progress_bar("packing", in_bytes=True) as progress:
         result = pack(cache_dir, image_ref, mode=mode.value, fmt=fmt.value, compression=compression.value,
                       title=name, options=options, progress=progress)
-    console.print(f"packed [bold]{result.entries}[/] entries ({_size(result.cache_size)}) into {result.reference}",
+    console.print(f"packed [bold]{result.entries}[/] entries ({format_size(result.cache_size)}) into {result.reference}",
                   highlight=False)
     console.print(f"digest  {result.digest}", highlight=False)
-    console.print(f"layer   {result.layer.digest} ({_size(result.layer.size)}, {result.layer.media_type})",
+    console.print(f"layer   {result.layer.digest} ({format_size(result.layer.size)}, {result.layer.media_type})",
                   highlight=False)
     console.print(f"targets {_targets_text(result.targets)}", highlight=False)
     if result.skipped:
@@ -136,7 +82,6 @@ def pack_command(
 
 @app.command("inspect")
 @handle_errors
-@os_errors
 def inspect_command(
     image_ref: str = typer.Argument(..., help="Image reference."),
     format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
@@ -145,11 +90,7 @@ def inspect_command(
     creds: Optional[str] = CREDS,
 ) -> None:
     """Show an image's labels, summary and layers (reads the manifest and config only)."""
-    from rich.table import Table
-
-    from infercache.vault.inspect import inspect_image
-
-    data = inspect_image(image_ref, _options(tls_verify, authfile, creds))
+    data = inspect_image(image_ref, registry_options(tls_verify, authfile, creds))
     if format == OutputFormat.json:
         print_json(data)
         return
@@ -159,14 +100,14 @@ def inspect_command(
     for key in ("reference", "digest", "media_type", "created", "type", "entry_count"):
         table.add_row(key, str(data.get(key)))
     size = data.get("cache_size_bytes")
-    table.add_row("cache_size", _size(size) if isinstance(size, int) else "unknown")
+    table.add_row("cache_size", format_size(size) if isinstance(size, int) else "unknown")
     table.add_row("targets", _targets_text(data["summary"]["targets"]))
     for key, value in sorted(data["annotations"].items()):
         table.add_row(key, value)
     console.print(table)
     layers = Table("layer", "size", "media type")
     for layer in data["layers"]:
-        layers.add_row(layer["digest"], _size(layer["size"]), layer["media_type"])
+        layers.add_row(layer["digest"], format_size(layer["size"]), layer["media_type"])
     console.print(layers)
     labels = Table("label", "value")
     for key, value in sorted(data["labels"].items()):
@@ -176,7 +117,6 @@ def inspect_command(
 
 @app.command("check")
 @handle_errors
-@os_errors
 def check_command(
     image_ref: str = typer.Argument(..., help="Image reference."),
     target: Optional[List[str]] = TARGETS,
@@ -186,11 +126,7 @@ def check_command(
     creds: Optional[str] = CREDS,
 ) -> None:
     """Is the image usable here? Exit 0 compatible, 1 not (or no GPU and no --target), 2 bad input."""
-    from rich.table import Table
-
-    from infercache.vault.check import check_image
-
-    result = check_image(image_ref, target or None, _options(tls_verify, authfile, creds))
+    result = check_image(image_ref, target or None, registry_options(tls_verify, authfile, creds))
     if format == OutputFormat.json:
         print_json(result.to_json())
     else:
@@ -210,7 +146,6 @@ def check_command(
 
 @app.command("unpack")
 @handle_errors
-@os_errors
 def unpack_command(
     image_ref: str = typer.Argument(..., help="Image reference."),
     dest: Optional[Path] = typer.Option(None, "--dest", help="Where to install (default: the Triton cache dir, or the vLLM root for vLLM images)."),
@@ -223,10 +158,8 @@ def unpack_command(
     creds: Optional[str] = CREDS,
 ) -> None:
     """Verify an image and install only the entries compatible with the local GPUs / --target."""
-    from infercache.vault.unpack import unpack
-
-    options = _options(tls_verify, authfile, creds)
-    with _progress("unpacking") as progress:
+    options = registry_options(tls_verify, authfile, creds)
+    with progress_bar("unpacking", in_bytes=True) as progress:
         report = unpack(image_ref, dest, target or None, force=force, overwrite=overwrite, options=options,
                         progress=progress)
     if format == OutputFormat.json:
@@ -246,7 +179,6 @@ def unpack_command(
 
 @app.command("copy")
 @handle_errors
-@os_errors
 def copy_command(
     src_ref: str = typer.Argument(..., help="Source image reference."),
     dst_ref: str = typer.Argument(..., help="Destination image reference."),
@@ -255,14 +187,12 @@ def copy_command(
     creds: Optional[str] = CREDS,
 ) -> None:
     """Copy an image between any two transports (a push or a pull is a copy)."""
-    from infercache.vault.copy import copy_image
-
-    options = _options(tls_verify, authfile, creds)
-    with _progress("copying") as progress:
+    options = registry_options(tls_verify, authfile, creds)
+    with progress_bar("copying", in_bytes=True) as progress:
         result = copy_image(src_ref, dst_ref, src_options=options, dst_options=options, progress=progress)
     console.print(
         f"copied {result.source} → {result.destination}: {result.blobs_copied} blob(s) "
-        f"({_size(result.bytes_copied)}), {result.blobs_skipped} already there",
+        f"({format_size(result.bytes_copied)}), {result.blobs_skipped} already there",
         highlight=False,
     )
     console.print(f"digest {result.digest}", highlight=False)

@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from infercache.errors import BadInputError, InfercacheError
+from infercache.vault.reference import DOCKER_HUB_ALIASES, RegistryOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     import requests
 
 log = logging.getLogger(__name__)
 
-# docker.io's many spellings in auth files.
-_DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
 
 
 @dataclass(frozen=True)
@@ -57,6 +56,17 @@ def parse_creds(text: str) -> Credentials:
     if not sep or not user:
         raise BadInputError("--creds must be USER:PASSWORD")
     return Credentials(user, password, "--creds")
+
+
+def registry_options(
+    tls_verify: bool = True, authfile: str | os.PathLike[str] | None = None, creds: str | None = None
+) -> RegistryOptions:
+    """Options from user input, checked before any transfer starts: `--creds` must be USER:PASS and
+    `--authfile` an existing file (both bad input, exit 2). `vault` and `mcv` both build theirs here."""
+    if creds is not None:
+        parse_creds(creds)
+    path = auth_file_candidates(Path(authfile))[0] if authfile is not None else None
+    return RegistryOptions(tls_verify=tls_verify, authfile=path, creds=creds)
 
 
 def auth_file_candidates(authfile: Path | None = None) -> list[Path]:
@@ -92,8 +102,8 @@ def _normalise_key(key: str) -> str:
 def _host_names(registry: str) -> list[str]:
     """Names an auth file may use for this registry."""
     names = [registry]
-    if registry in _DOCKER_HUB_ALIASES:
-        names += [alias for alias in _DOCKER_HUB_ALIASES if alias != registry]
+    if registry in DOCKER_HUB_ALIASES:
+        names += [alias for alias in DOCKER_HUB_ALIASES if alias != registry]
     if registry.startswith("localhost"):
         names.append(registry.replace("localhost", "127.0.0.1", 1))
     elif registry.startswith("127.0.0.1"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from infercache.errors import BadInputError
+from infercache.gpu.targets import GpuTarget
 from infercache.vault.image import config_labels, load_image
 from infercache.vault.labels import LABEL_COMPONENTS, LABEL_ENTRY_COUNT, LABEL_SIZE, LABEL_TYPE, summary_targets
 from infercache.vault.reference import ImageReference, RegistryOptions
@@ -43,3 +45,16 @@ def inspect_image(reference: str | ImageReference, options: RegistryOptions | No
         "summary": {"targets": summary_targets(labels)},
         "layers": [{"digest": d.digest, "size": d.size, "media_type": d.media_type} for d in manifest.layers],
     }
+
+
+def image_targets(reference: str | ImageReference, options: RegistryOptions | None = None) -> list[GpuTarget]:
+    """The GPU targets an image's summary label lists (distinct by backend, arch and warp size, in order);
+    BadInputError when it lists none."""
+    summary = inspect_image(reference, options)["summary"]
+    found = [GpuTarget.from_entry(t) for t in summary.get("targets", []) if t.get("backend") and t.get("arch")]
+    if not found:
+        raise BadInputError(f"{reference} lists no targets in its summary label")
+    distinct: dict[tuple[str, str, int], GpuTarget] = {}
+    for target in found:
+        distinct.setdefault(target.key, target)
+    return list(distinct.values())
