@@ -59,15 +59,12 @@ def run_spec_warm(spec_file: Path, targets: List[str], cache_dir: Optional[Path]
 
 
 def _print_warm(report: Any) -> None:
-    from rich.table import Table
+    """Failures as text blocks (compiler messages carry source lines and carets: no table wrapping)."""
+    import textwrap
 
-    if report.failed:
-        table = Table(title="Failed", header_style="bold", show_lines=True)
-        for col in ("Kernel", "Target", "Compiler error"):
-            table.add_column(col, overflow="fold")
-        for f in report.failed:
-            table.add_row(f.kernel, f.target, f.error)
-        err_console.print(table)
+    for f in report.failed:
+        err_console.print(f"[bold red]failed:[/] {f.kernel} for {f.target}", highlight=False)
+        err_console.print(textwrap.indent(f.error, "    "), markup=False, highlight=False, soft_wrap=True)
     console.print(report.line(), highlight=False)
 
 
