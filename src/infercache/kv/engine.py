@@ -225,7 +225,7 @@ class Engine:
         """Store the KV of `tokens` (masked-out prefix skipped); returns the tokens now cached.
 
         kv: ``[2, num_layers, len(tokens), hidden]`` numpy array or CPU torch tensor. Chunks
-        already in their target tier are not written again.
+        already in their target tier are not written again (a store with metadata rewrites them: new TTL).
         """
         self._check_open()
         arr = to_token_array(tokens)
@@ -254,10 +254,10 @@ class Engine:
                 head = ChunkHeader(code, kind, payload.shape, payload.nbytes)
                 placed = False
                 for i, tier in enumerate(writes):
-                    if tier.contains(chunk.key):
+                    tier_ttl = ttl if i == 0 else None
+                    if not tier_ttl and tier.contains(chunk.key):  # a TTL store rewrites: the TTL is refreshed
                         placed = placed or i == 0
                         continue
-                    tier_ttl = ttl if i == 0 else None
                     if tier.put(chunk.key, head, payload, tier_ttl):
                         placed = placed or i == 0
                         if tier_ttl and tier.name != "remote":

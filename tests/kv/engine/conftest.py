@@ -19,10 +19,21 @@ import pytest
 from tests.helpers import require_tool
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(cluster: bool = False) -> int:
+    """A free port on 127.0.0.1; for a cluster node, one <= 55535 whose bus port (+10000) is free too."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 55535) if cluster else 0
+        try:
+            with socket.socket() as sock, socket.socket() as bus:
+                sock.bind(("127.0.0.1", port))
+                if cluster:
+                    bus.bind(("127.0.0.1", port + 10000))
+                return sock.getsockname()[1]
+        except OSError:
+            continue
+    raise RuntimeError("no free port")
 
 
 def _ping(port: int | None = None, unix: str | None = None) -> bool:
@@ -42,7 +53,7 @@ class RedisServer:
 
     def __init__(self, root: Path, cluster: bool = False, port: int | None = None) -> None:
         self.binary = require_tool("redis-server")
-        self.port = port or free_port()
+        self.port = port or free_port(cluster)
         self.dir = root / f"redis-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.unix = str(self.dir / "redis.sock")
@@ -57,12 +68,17 @@ class RedisServer:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", str(self.dir), "--unixsocket", self.unix, "--unixsocketperm", "700", "--protected-mode", "yes"]
         if self.cluster:
-            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000",
+                     "--cluster-replica-validity-factor", "0"]  # a replica may always take over (test data)
+        log = self.dir / "redis.log"
+        with open(log, "ab") as handle:
+            self.proc = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         while not _ping(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server on port {self.port} did not start")
+                self.kill()
+                tail = log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"redis-server on port {self.port} did not start:\n{tail}")
             time.sleep(0.05)
         return self
 
@@ -111,7 +127,10 @@ class RedisCluster:
         while time.monotonic() < deadline:
             try:
                 infos = [n.client().cluster("info") for n in self.nodes if n.proc is not None]
-                if all(i["cluster_state"] == "ok" and int(i["cluster_slots_ok"]) == 16384 for i in infos) and len(self.masters()) == 3:
+                roles = [n.client().info("replication") for n in self.nodes if n.proc is not None]
+                links_up = all(r.get("master_link_status", "up") == "up" for r in roles if r["role"] == "slave")
+                healthy = all(i["cluster_state"] == "ok" and int(i["cluster_slots_ok"]) == 16384 for i in infos)
+                if healthy and links_up and len(self.masters()) == 3:
                     return
             except Exception:  # noqa: BLE001
                 pass
@@ -127,7 +146,7 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     nodes = [RedisServer(root, cluster=True) for _ in range(6)]
     try:
         for node in nodes:
-            node.start()
+            node.start()  # (a start that fails still leaves the finally below to stop the others)
         addrs = [f"127.0.0.1:{n.port}" for n in nodes]
         subprocess.run([cli, "--cluster", "create", *addrs, "--cluster-replicas", "1", "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)

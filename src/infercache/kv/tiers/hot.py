@@ -71,7 +71,7 @@ class HotTier(Tier):
         pool = self.pool
         try:
             if self.write_back and self.evict_hook is not None:
-                self._make_room(len(record))
+                self._make_room(len(record), key)
             before = pool.stats()["evictions"] if self.write_back else 0
             ok = pool.put(key, record, ttl=ttl) if ttl else pool.put(key, record)
             if self.write_back:
@@ -156,13 +156,16 @@ class HotTier(Tier):
             body[:] = np.frombuffer(payload, dtype=np.uint8)
         return buf
 
-    def _make_room(self, size: int) -> None:
+    def _make_room(self, size: int, incoming: str) -> None:
         """write_back: demote this engine's own entries (policy order, suffixes first) until
         `size` bytes fit without the pool evicting on its own."""
-        room = size + self.pool.block_size
+        bs = self.pool.block_size
+        room = -(-size // bs) * bs
         for victim in self.book.victims():
             if self.pool.stats()["largest_free_bytes"] >= room:
                 return
+            if victim == incoming:
+                continue
             self.read(victim, lambda head, payload, v=victim: self._demote(v, head, payload))
             self.counters.evictions += 1
             self.delete(victim)

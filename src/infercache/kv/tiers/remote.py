@@ -67,12 +67,22 @@ class RemoteTier(Tier):
         self.capacity = size
         self.serde = serde
         self.book = Tracker(policy)
-        self.client = make_client(url)
+        self._client: Any = None
+        if not url.lower().startswith("redis-cluster://"):
+            self._client = make_client(url)  # no connection yet; bad URLs fail here
         self._lock = threading.RLock()
         self._down_until = 0.0
         self._backoff = 0.0
         self._in_outage = False
         self._staging: Any = None
+
+    @property
+    def client(self) -> Any:
+        """The redis-py client; a cluster client is made on first use (it connects at creation,
+        and an unreachable cluster must not stop the engine from starting)."""
+        if self._client is None:
+            self._client = make_client(self.url)
+        return self._client
 
     # --------------------------------------------------------------- failure handling
     def available(self) -> bool:
@@ -254,7 +264,8 @@ class RemoteTier(Tier):
 
     def close(self) -> None:
         try:
-            self.client.close()
+            if self._client is not None:
+                self._client.close()
         except Exception:  # noqa: BLE001
             pass
 
