@@ -7,7 +7,7 @@ from infercache.kv.allocator import A_FREE
 
 def corrupt_allocator(pool) -> None:
     """Leak a free extent from the allocator's lists and skew its free counter (no dirty flag set)."""
-    alloc = pool._alloc
+    alloc = pool._st.alloc
     with pool._lock.exclusive():
         extents = alloc.free_extents()
         if extents:

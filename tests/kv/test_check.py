@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from infercache.kv import Pool
-from infercache.kv.pool import _key_hash
-from infercache.kv.layout import E_SIZE, E_START, ENTRY_WORDS, HDR_DIRTY, HDR_ENTRIES, HDR_FREE_TOP
+from infercache.kv.codec import key_hash as _key_hash
+from infercache.kv.layout import E_SIZE, ENTRY_WORDS, HDR_DIRTY, HDR_ENTRIES, HDR_FREE_TOP
 from tests.kv.corrupt import corrupt_allocator
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,11 +71,10 @@ def test_leaked_free_extent_and_bad_counter(make_pool) -> None:
 
 def test_free_extent_overlapping_an_entry(make_pool) -> None:
     pool, values = _filled(make_pool)
-    tq = pool._tq
-    e = pool._find(b"k5", _key_hash(b"k5"))
-    start = tq[e * ENTRY_WORDS + E_START]
+    e = pool._index.find(b"k5", _key_hash(b"k5"))
+    start = pool._table.start(e)
     with pool._lock.exclusive():
-        pool._alloc.free(start, 1)  # the allocator now believes k5's first block is free
+        pool._st.alloc.free(start, 1)  # the allocator now believes k5's first block is free
     _repair_cycle(pool, values, "overlaps")
 
 
@@ -102,8 +101,8 @@ def test_wrong_counters_and_free_slot_stack(make_pool) -> None:
 
 def test_damaged_record_is_dropped_by_repair(make_pool) -> None:
     pool, values = _filled(make_pool)
-    e = pool._find(b"k9", _key_hash(b"k9"))
-    pool._tq[e * ENTRY_WORDS + E_SIZE] += 1  # size no longer matches the checksum
+    e = pool._index.find(b"k9", _key_hash(b"k9"))
+    pool._table.q[e * ENTRY_WORDS + E_SIZE] += 1  # size no longer matches the checksum
     report = pool.check()
     assert not report.ok and any("checksum" in p for p in report.problems)
     fixed = pool.check(repair=True)
@@ -130,6 +129,9 @@ _CRASH_SCRIPT = r"""
 import os, signal, sys
 from infercache.kv import Pool
 from infercache.kv import pool as poolmod
+from infercache.kv.allocator import Allocator
+from infercache.kv.index import KeyIndex
+from infercache.kv.table import EntryTable
 
 name, where = sys.argv[1], sys.argv[2]
 p = Pool.open(name)
@@ -139,16 +141,16 @@ def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 if where == "publish":  # inside the locked section, blocks allocated, entry reserved
-    poolmod.KeyIndex.insert = die  # class-level: these objects have __slots__ (this process only)
+    KeyIndex.insert = die  # class-level: these objects have __slots__ (this process only)
     p.put("victim", b"v" * 10_000)
 elif where == "alloc":  # inside the allocator, lists half updated
     def half(self, s, n):  # the extent was taken off its list; the remainder never goes back
         self._h[0] -= 1
         die()
-    poolmod.Allocator._insert = half
+    Allocator._insert = half
     p.put("victim", b"v" * 10_000)
 elif where == "copy":  # outside the lock, copying a large value into its reserved blocks
-    p._data = die
+    EntryTable.data = die  # class-level, as above
     assert 5 << 20 > poolmod.SMALL_COPY
     p.put("victim", b"v" * (5 << 20))
 print("not killed")

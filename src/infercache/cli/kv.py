@@ -6,10 +6,9 @@ command is also a Python call.
 
 from __future__ import annotations
 
-import functools
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.table import Table
@@ -23,8 +22,7 @@ from infercache.cli.common import (
     print_json,
 )
 from infercache.cli.kv_serve import serve_command
-from infercache.errors import BadInputError, InfercacheError
-from infercache.units import format_size, parse_size
+from infercache.units import format_size
 
 if TYPE_CHECKING:  # the pool library is imported lazily: keep `infercache --help` fast
     from infercache.kv import Pool
@@ -33,24 +31,6 @@ app = typer.Typer(
     help="Shared-memory KV-cache pools: create, inspect, evict, persist, restore, check.",
     no_args_is_help=True,
 )
-
-_TIERS = ("cpu", "disk", "gpu")
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _os_errors(func: F) -> F:
-    """An OSError (permission denied, disk full...) becomes a one-line error, exit 1, not a traceback."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except OSError as exc:
-            where = f": {exc.filename}" if exc.filename else ""
-            raise InfercacheError(f"{exc.strerror or exc}{where}") from None
-
-    return wrapper  # type: ignore[return-value]
-
 
 def _data_dir(ctx: typer.Context) -> Optional[Path]:
     return global_options(ctx).data_dir
@@ -85,47 +65,29 @@ def _cell(value: Any) -> str:
 
 @app.command("create")
 @handle_errors
-@_os_errors
 def create(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Pool name (unique on this host)."),
     size: str = typer.Option(..., "--size", "-s", help="Pool size: 512M, 16G, ..."),
-    tier: str = typer.Option("cpu", "--tier", help="cpu (/dev/shm), disk (mmap of --path) or gpu."),
+    tier: str = typer.Option("cpu", "--tier", help="cpu (/dev/shm) or disk (mmap of --path)."),
     path: Optional[Path] = typer.Option(None, "--path", help="Backing file for --tier disk."),
     policy: str = typer.Option("lru", "--policy", help="Eviction policy (see `kv policies`)."),
     block_size: str = typer.Option("4K", "--block-size", help="Allocation block size."),
+    prefault: Optional[bool] = typer.Option(
+        None, "--prefault/--no-prefault",
+        help="Fault every page in now, so first puts run at memory speed (default: on for cpu, off for disk).",
+    ),  # fmt: skip
 ) -> None:
     """Create a named pool that any process on this host can attach to."""
-    from infercache.kv import POLICIES
-
-    if tier not in _TIERS:
-        raise BadInputError(f"unknown tier {tier!r} (expected one of: {', '.join(_TIERS)})")
-    if policy not in POLICIES:
-        raise BadInputError(f"unknown policy {policy!r} (expected one of: {', '.join(POLICIES)})")
-    size_bytes = parse_size(size)
-    if size_bytes <= 0:
-        raise BadInputError(f"pool size must be positive, got {size!r}")
-    block_bytes = parse_size(block_size)
-    if block_bytes <= 0:
-        raise BadInputError(f"block size must be positive, got {block_size!r}")
-    if path is not None and tier != "disk":
-        raise BadInputError("--path is only for --tier disk")
     pool = _pool_api().create(
-        name,
-        size=size_bytes,
-        tier=tier,
-        path=str(path) if path is not None else None,
-        policy=policy,
-        block_size=block_bytes,
-        data_dir=_data_dir(ctx),
-    )
-    try:
+        name, size=size, tier=tier, path=path, policy=policy, block_size=block_size, data_dir=_data_dir(ctx),
+        prefault=prefault,
+    )  # fmt: skip
+    with pool:
         stats = pool.stats()
-    finally:
-        pool.close()
     console.print(
-        f"created pool [bold]{name}[/]: {format_size(stats['size_bytes'])}, tier {stats['tier']}, "
-        f"policy {stats['policy']}, at {stats.get('path')}",
+        f"created pool [bold]{name}[/]: {format_size(stats.size_bytes)}, tier {stats.tier}, "
+        f"policy {stats.policy}, at {stats.path}",
         highlight=False,
     )
 
@@ -156,13 +118,12 @@ def _pools_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 @app.command("list")
 @handle_errors
-@_os_errors
 def list_pools(
     ctx: typer.Context,
     format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
     """Every pool registered on this host."""
-    rows = _pool_api().list_pools(data_dir=_data_dir(ctx))
+    rows = [row.to_json() for row in _pool_api().list_pools(data_dir=_data_dir(ctx))]
     if format is OutputFormat.json:
         print_json(rows)
         return
@@ -174,7 +135,7 @@ def list_pools(
 
 def _all_stats(ctx: typer.Context) -> list[dict[str, Any]]:
     """Stats of every registered pool (plus attached pids); one that cannot be opened carries `error`."""
-    return list(_pool_api().list_pools(data_dir=_data_dir(ctx)))
+    return [row.to_json() for row in _pool_api().list_pools(data_dir=_data_dir(ctx))]
 
 
 _STATUS_FIELDS = (
@@ -228,7 +189,6 @@ def _status_table(stats: dict[str, Any]) -> Table:
 
 @app.command("status")
 @handle_errors
-@_os_errors
 def status(
     ctx: typer.Context,
     name: Optional[str] = typer.Argument(None, help="Pool name; all pools when left out."),
@@ -245,14 +205,7 @@ def status(
             for stats in every:
                 console.print(_status_table(stats))
         return
-    pool = _open(ctx, name)
-    try:
-        stats = pool.stats()
-    finally:
-        pool.close()
-    from infercache.kv.pool import attached_pids
-
-    stats["attached"] = attached_pids(stats["path"])  # after close: this process is not counted
+    stats = _pool_api().status(name, data_dir=_data_dir(ctx)).to_json()
     if format is OutputFormat.json:
         print_json(stats)
     else:
@@ -261,7 +214,6 @@ def status(
 
 @app.command("evict")
 @handle_errors
-@_os_errors
 def evict(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Pool name."),
@@ -270,79 +222,60 @@ def evict(
     ),
     bytes_: Optional[str] = typer.Option(None, "--bytes", help="Evict at least this many bytes (e.g. 64M)."),
     expired: bool = typer.Option(False, "--expired", help="Evict the entries whose TTL has passed."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be evicted and the bytes it frees; change nothing."),
+    format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
-    """Evict entries by the pool's policy (pinned entries stay)."""
-    chosen = sum(x for x in (percent is not None, bytes_ is not None, expired))
-    if chosen != 1:
-        raise BadInputError("give exactly one of --percent P, --bytes SIZE, --expired")
-    if percent is not None and not 0 < percent <= 100:
-        raise BadInputError(f"--percent must be in (0, 100], got {percent:g}")
-    nbytes = parse_size(bytes_) if bytes_ is not None else None
-    if nbytes is not None and nbytes <= 0:
-        raise BadInputError(f"--bytes must be positive, got {bytes_!r}")
-    pool = _open(ctx, name)
-    try:
-        before = pool.stats()
-        count = pool.evict(percent=percent, bytes=nbytes, expired=expired)
+    """Evict entries by the pool's policy (pinned entries stay): planned, then executed."""
+    with _open(ctx, name) as pool:
+        plan = pool.plan_eviction(percent=percent, bytes=bytes_, expired=expired)
+        result = None if dry_run else pool.execute_eviction(plan)
         after = pool.stats()
-    finally:
-        pool.close()
-    freed = max(0, int(before.get("used_bytes", 0)) - int(after.get("used_bytes", 0)))
+    if format is OutputFormat.json:
+        print_json({"dry_run": dry_run, **plan.to_json(), "result": result.to_json() if result else None})
+        return
+    if result is None:
+        console.print(f"dry run: {plan.line()}", highlight=False)
+        for victim in plan.victims:
+            console.print(f"  {victim.key!r}: {format_size(victim.bytes)} ({victim.bytes} bytes)", highlight=False)
+        return
     console.print(
-        f"evicted {count} entries from {name}, {format_size(freed)} freed; "
-        f"{after.get('entries')} entries, {format_size(after.get('used_bytes', 0))} used",
-        highlight=False,
+        f"{result.line()}; {after.entries} entries, {format_size(after.used_bytes)} used", highlight=False
     )
 
 
 @app.command("persist")
 @handle_errors
-@_os_errors
 def persist(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Pool name."),
     path: Path = typer.Option(..., "--path", help="Snapshot file to write (written to a temp name, then renamed)."),
 ) -> None:
     """Write a binary snapshot of the pool (only the allocated data)."""
-    if path.is_dir():
-        raise BadInputError(f"--path {path} is a directory; give a file name")
-    if not path.parent.is_dir():
-        raise BadInputError(f"directory {path.parent} does not exist")
-    pool = _open(ctx, name)
-    try:
-        written = pool.persist(str(path))
-        entries = pool.stats().get("entries")
-    finally:
-        pool.close()
+    with _open(ctx, name) as pool:
+        written = pool.persist(path)
+        entries = pool.stats().entries
     console.print(f"persisted {name}: {entries} entries, {format_size(written)} to {path}", highlight=False)
 
 
 @app.command("restore")
 @handle_errors
-@_os_errors
 def restore(
     ctx: typer.Context,
     file: Path = typer.Argument(..., help="Snapshot written by `kv persist`."),
     name: Optional[str] = typer.Option(None, "--name", help="Name for the restored pool (default: the saved name)."),
 ) -> None:
     """Create a pool from a snapshot (verified before anything is created)."""
-    if not file.is_file():
-        raise BadInputError(f"snapshot {file} does not exist or is not a file")
-    pool = _pool_api().restore(str(file), name=name, data_dir=_data_dir(ctx))
-    try:
+    with _pool_api().restore(file, name=name, data_dir=_data_dir(ctx)) as pool:
         stats = pool.stats()
-    finally:
-        pool.close()
     console.print(
-        f"restored pool [bold]{stats['name']}[/]: {stats.get('entries')} entries, "
-        f"{format_size(stats.get('used_bytes', 0))} used of {format_size(stats['size_bytes'])}",
+        f"restored pool [bold]{stats.name}[/]: {stats.entries} entries, "
+        f"{format_size(stats.used_bytes)} used of {format_size(stats.size_bytes)}",
         highlight=False,
     )
 
 
 @app.command("delete")
 @handle_errors
-@_os_errors
 def delete(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Pool name."),
@@ -354,7 +287,6 @@ def delete(
 
 @app.command("check")
 @handle_errors
-@_os_errors
 def check(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Pool name."),
@@ -362,26 +294,17 @@ def check(
     format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
     """Verify every invariant of the pool; exit 1 when it is inconsistent (after --repair: still)."""
-    pool = _open(ctx, name)
-    try:
+    with _open(ctx, name) as pool:
         report = pool.check(repair=repair)
-        problems = list(report.problems)
-        repaired = list(getattr(report, "repaired", []) or [])
-        recovered = list(getattr(report, "recovered", []) or [])
-        ok = bool(report.ok)
-        if repair and not ok:
-            # A repair pass reports what it found; a fresh check says whether it worked.
-            ok = bool(pool.check(repair=False).ok)
-    finally:
-        pool.close()
+    ok = report.ok  # after a repair: the verdict of a fresh check
     if format is OutputFormat.json:
-        print_json({"name": name, "ok": ok, "problems": problems, "repaired": repaired, "recovered": recovered})
+        print_json({"name": name, **report.to_json()})
     else:
-        for note in recovered:
+        for note in report.recovered:
             console.print(f"recovered: {note}", highlight=False)
-        for problem in problems:
+        for problem in report.problems:
             err_console.print(f"[yellow]problem:[/] {problem}", highlight=False)
-        for fix in repaired:
+        for fix in report.repaired:
             console.print(f"repaired: {fix}", highlight=False)
         console.print(f"{name}: {'consistent' if ok else 'INCONSISTENT'}", highlight=False)
     if not ok:
@@ -390,7 +313,6 @@ def check(
 
 @app.command("policies")
 @handle_errors
-@_os_errors
 def policies(
     format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:

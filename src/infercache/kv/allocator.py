@@ -48,10 +48,6 @@ def _mapping(n: int) -> tuple[int, int]:
     return b - SL_LOG2 + 1, (n >> (b - SL_LOG2)) - SL_COUNT
 
 
-def _lowbit(x: int) -> int:
-    return (x & -x).bit_length() - 1
-
-
 class Allocator:
     """alloc(n) -> first block or -1; free(start, n). Not thread-safe: callers hold the pool lock."""
 

@@ -9,9 +9,10 @@ derived state: `rebuild` recomputes it from the published entries of the table.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Iterable
 
-from infercache.kv.layout import E_HASH, ENTRY_WORDS
+if TYPE_CHECKING:
+    from infercache.kv.table import EntryTable
 
 
 class KeyIndex:
@@ -19,8 +20,8 @@ class KeyIndex:
 
     __slots__ = ("_slots", "_table", "_mask", "capacity")
 
-    def __init__(self, slots: memoryview, table: memoryview) -> None:
-        """`slots`: int32 view of the index region; `table`: uint64 view of the entry table."""
+    def __init__(self, slots: memoryview, table: "EntryTable") -> None:
+        """`slots`: int32 view of the index region; `table`: the entry records (hashes, keys)."""
         self._slots = slots
         self._table = table
         self.capacity = len(slots)
@@ -29,19 +30,18 @@ class KeyIndex:
     def release(self) -> None:
         self._slots.release()
 
-    def find(self, key_hash: int, matches: Callable[[int], bool]) -> int:
-        """Entry slot whose hash is `key_hash` and for which `matches(entry)` holds, else -1."""
+    def find(self, kb: bytes, key_hash: int) -> int:
+        """Entry holding key `kb` (hash `key_hash`), or -1 (runs once or twice per put or get)."""
         slots = self._slots
-        table = self._table
+        matches = self._table.matches
         mask = self._mask
         i = key_hash & mask
         for _ in range(self.capacity):
             v = slots[i]
             if not v:
                 return -1
-            e = v - 1
-            if table[e * ENTRY_WORDS + E_HASH] == key_hash and matches(e):
-                return e
+            if matches(v - 1, key_hash, kb):
+                return v - 1
             i = (i + 1) & mask
         return -1
 
@@ -79,7 +79,7 @@ class KeyIndex:
             v = slots[j]
             if not v:
                 break
-            home = table[(v - 1) * ENTRY_WORDS + E_HASH] & mask
+            home = table.hash(v - 1) & mask
             # v may move into the hole at i unless its home lies cyclically in (i, j]
             if (i < j and (home <= i or home > j)) or (i > j and home <= i and home > j):
                 slots[i] = v
@@ -93,27 +93,6 @@ class KeyIndex:
 
         arr = np.frombuffer(self._slots, dtype=np.int32)
         return [int(v) - 1 for v in arr[arr != 0]]
-
-    def misplaced(self) -> list[int]:
-        """Entries a lookup would not reach from their home slot (an empty slot cuts the run)."""
-        slots = self._slots
-        table = self._table
-        mask = self._mask
-        bad = []
-        for i in self._nonzero_positions():
-            e = slots[i] - 1
-            j = table[e * ENTRY_WORDS + E_HASH] & mask
-            while j != i:
-                if not slots[j]:
-                    bad.append(e)
-                    break
-                j = (j + 1) & mask
-        return bad
-
-    def _nonzero_positions(self) -> list[int]:
-        import numpy as np
-
-        return np.flatnonzero(np.frombuffer(self._slots, dtype=np.int32)).tolist()
 
     def rebuild(self, entries: Iterable[tuple[int, int]]) -> None:
         """Recompute from (key_hash, entry) pairs."""

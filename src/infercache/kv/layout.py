@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from infercache.kv.allocator import Allocator
+
 MAGIC = int.from_bytes(b"ICKVPOOL", "little")
 LAYOUT_VERSION = 1
 HEADER_BYTES = 4096
@@ -165,8 +167,6 @@ def table_capacity(n_blocks: int) -> int:
 
 def compute_geometry(data_bytes: int, block_size: int) -> Geometry:
     """Geometry of a pool whose data region holds `data_bytes` (rounded down to blocks)."""
-    from infercache.kv.allocator import Allocator
-
     n_blocks = data_bytes // block_size
     cap = table_capacity(n_blocks)
     icap = 1 << max(4, (2 * cap - 1).bit_length())

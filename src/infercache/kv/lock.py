@@ -29,6 +29,7 @@ SPIN_TRIES = 64  # non-blocking retries (each after a sched_yield) before a bloc
 
 _flock = fcntl.flock
 _LOCK_NB = fcntl.LOCK_NB
+EXCLUSIVE, SHARED = fcntl.LOCK_EX, fcntl.LOCK_SH
 _get_ident = threading.get_ident
 _yield = os.sched_yield
 
@@ -53,7 +54,9 @@ class PoolLock:
         self._thread_lock = threading.Lock()
         self._owner: int | None = None
 
-    def _acquire(self, mode: int) -> None:
+    def acquire(self, mode: int) -> None:
+        """Take the lock in `mode` (EXCLUSIVE: may change metadata; SHARED: reads only, many
+        processes at once); pair with `release`. The context managers below are the usual form."""
         me = _get_ident()
         held = PoolLock._held
         if self._owner == me or held.get(self._file) == me:
@@ -86,7 +89,7 @@ class PoolLock:
                 pass
         _flock(fd, mode)
 
-    def _release(self) -> None:
+    def release(self) -> None:
         self._owner = None
         PoolLock._held.pop(self._file, None)
         try:
@@ -96,23 +99,21 @@ class PoolLock:
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
-        self._acquire(fcntl.LOCK_EX)
+        """`with lock.exclusive():` a section that may change metadata."""
+        self.acquire(EXCLUSIVE)
         try:
             yield
         finally:
-            self._release()
+            self.release()
 
     @contextmanager
     def shared(self) -> Iterator[None]:
-        self._acquire(fcntl.LOCK_SH)
+        """`with lock.shared():` a read-only section (readers of many processes run at once)."""
+        self.acquire(SHARED)
         try:
             yield
         finally:
-            self._release()
-
-    @property
-    def held_by_me(self) -> bool:
-        return self._owner == _get_ident()
+            self.release()
 
 
 # A forked child holds none of its parent's pool locks (Pool objects reopen their handle there).

@@ -18,13 +18,25 @@ of it checked out.
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from infercache.errors import BadInputError
-from infercache.kv.layout import KEY_MAX, NAME_MAX
+from infercache.kv.codec import checksum, key_hash
+from infercache.kv.layout import (
+    F_KEY_IN_DATA, HDR_BYTES_IN, HDR_BYTES_OUT, HDR_CLOCK, HDR_CREATED, HDR_ENTRIES, HDR_EVICTIONS, HDR_HITS,
+    HDR_MISSES, HDR_POLICY, HDR_PUTS, HDR_TIER, HDR_VALUE_BYTES, KEY_INLINE, KEY_MAX, NAME_MAX, ST_PUBLISHED,
+    Geometry, compute_geometry,
+)  # fmt: skip
+from infercache.kv.policies import BY_ID
+from infercache.kv.table import LOW32
+
+if TYPE_CHECKING:
+    from infercache.kv.state import PoolState
 
 MAGIC = b"ICKVSNAP"
 END_MAGIC = b"ICKVEND1"
@@ -165,3 +177,131 @@ def check_data_trailer(handle: BinaryIO, data_crc: int, data_end: int) -> None:
     magic, offset = TRAILER.unpack(_read_exact(handle, TRAILER.size, "trailer"))
     if magic != END_MAGIC or offset != data_end + CRC.size:
         raise BadInputError("snapshot trailer missing or wrong (truncated or corrupt file)")
+
+
+def check_target(path: str | os.PathLike[str]) -> Path:
+    """Where `persist` may write: a file name in an existing directory (BadInputError otherwise)."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise BadInputError(f"{target} is a directory; give a file name")
+    if not target.parent.is_dir():
+        raise BadInputError(f"directory {target.parent} does not exist")
+    return target
+
+
+def check_source(path: str | os.PathLike[str]) -> Path:
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise BadInputError(f"snapshot {source} does not exist or is not a file")
+    return source
+
+
+def read_verified(handle: BinaryIO) -> tuple[SnapshotHeader, list[Record], str, Geometry]:
+    """Header, records, policy name and pool geometry of an open snapshot, all verified; the
+    handle is left at the data section."""
+    header = read_header(handle, os.fstat(handle.fileno()).st_size)
+    records = read_records(handle, header)
+    if header.policy_id not in BY_ID:
+        raise BadInputError(f"snapshot names unknown policy id {header.policy_id} (corrupt file)")
+    geometry = compute_geometry(header.n_blocks * header.block_size, header.block_size)
+    if len(records) > geometry.table_cap:
+        raise BadInputError("snapshot holds more entries than its pool geometry allows (corrupt file)")
+    return header, records, BY_ID[header.policy_id].name, geometry
+
+
+# ---------------------------------------------------------------- pool <-> snapshot
+def write(st: "PoolState", handle: BinaryIO) -> int:
+    """Stream every published entry of `st` (oldest insertion first) to `handle`; bytes written.
+
+    The caller holds the pool's shared lock for the whole stream (a consistent image).
+    """
+    import numpy as np
+
+    table = st.table
+    rows = st.rows()
+    slots = np.flatnonzero(table.states(rows) == ST_PUBLISHED)
+    slots = slots[np.argsort(rows["itick"][slots], kind="stable")].tolist()
+    hq = st.hq
+    hits, misses, bytes_out = st.read_counters()
+    header = SnapshotHeader(
+        block_size=st.block_size, n_blocks=st.n_blocks, policy_id=hq[HDR_POLICY], tier_id=hq[HDR_TIER],
+        n_entries=len(slots), data_bytes=sum(table.size(e) for e in slots),
+        keys_bytes=sum(table.key_len(e) for e in slots), hits=hits, misses=misses, evictions=hq[HDR_EVICTIONS],
+        bytes_in=hq[HDR_BYTES_IN], bytes_out=bytes_out, puts=hq[HDR_PUTS], clock=hq[HDR_CLOCK],
+        created=st.hd[HDR_CREATED], name=st.name,
+    )  # fmt: skip
+    written = write_preamble(handle, header)
+    crc = 0
+    for e in slots:
+        (_, _, _, size, _, created, atime, expiry, count, priority, pins, flags, prefix, itick,
+         atick) = table.fields(e)  # fmt: skip
+        raw = Record(key=table.key_of(e), size=size, created=created, atime=atime, expiry=expiry, count=count,
+                     priority=priority, pins=pins, flags=flags & LOW32, prefix=prefix, itick=itick,
+                     atick=atick).pack()  # fmt: skip
+        crc = zlib.crc32(raw, crc)
+        handle.write(raw)
+        written += len(raw)
+    handle.write(CRC.pack(crc))
+    written += CRC.size
+    crc = 0
+    for e in slots:
+        data = table.data(e)
+        crc = zlib.crc32(data, crc)
+        handle.write(data)
+        written += len(data)
+        data.release()
+    handle.write(CRC.pack(crc))
+    written += CRC.size
+    handle.write(TRAILER.pack(END_MAGIC, written))
+    return written + TRAILER.size
+
+
+def load(st: "PoolState", handle: BinaryIO, header: SnapshotHeader, records: list[Record]) -> None:
+    """Fill a fresh, unregistered pool from an open snapshot positioned at its data section.
+
+    The caller holds the exclusive lock; BadInputError (and the half-built pool is discarded)
+    on anything that does not verify.
+    """
+    crc = 0
+    table = st.table
+    hq = st.hq
+    max_tick = header.clock
+    offset = handle.tell()
+    for rec in records:
+        klen = len(rec.key)
+        flags = rec.flags & LOW32 & ~F_KEY_IN_DATA
+        extra = klen if klen > KEY_INLINE else 0
+        if extra:
+            flags |= F_KEY_IN_DATA
+        nblocks = -(-(rec.size + extra) // st.block_size)
+        e, start = st.pop_slot(), (st.alloc.alloc(nblocks) if nblocks else 0)
+        if e < 0 or start < 0:
+            raise BadInputError("snapshot entries do not fit its own pool geometry (corrupt file)")
+        h = key_hash(rec.key)
+        table.write(e, h, start, nblocks, rec.size, klen, 0, rec.created, rec.atime, rec.expiry, rec.count,
+                    rec.priority, rec.pins, flags, rec.prefix, rec.itick, rec.atick)  # fmt: skip
+        table.write_key(e, rec.key, start, flags)
+        data = table.data(e)
+        try:
+            got = handle.readinto(data) if rec.size else 0
+            if got != rec.size:
+                raise BadInputError("snapshot truncated in the data section")
+            crc = zlib.crc32(data, crc)
+            table.set_checksum(e, klen, checksum(h, rec.size, data))
+        finally:
+            data.release()
+        offset += rec.size
+        if st.index.find(rec.key, h) >= 0:
+            raise BadInputError(f"snapshot holds key {rec.key!r} twice (corrupt file)")
+        max_tick = max(max_tick, rec.itick, rec.atick)
+        st.index.insert(h, e)
+        table.set_state(e, ST_PUBLISHED)
+        hq[HDR_ENTRIES] += 1
+        hq[HDR_VALUE_BYTES] += rec.size
+    check_data_trailer(handle, crc, offset)
+    for word, value in ((HDR_HITS, header.hits), (HDR_MISSES, header.misses), (HDR_EVICTIONS, header.evictions),
+                        (HDR_BYTES_IN, header.bytes_in), (HDR_BYTES_OUT, header.bytes_out),
+                        (HDR_PUTS, header.puts)):  # fmt: skip
+        hq[word] = value
+    hq[HDR_CLOCK] = max_tick + 1
+    st.hd[HDR_CREATED] = header.created
