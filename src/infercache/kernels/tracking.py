@@ -103,7 +103,7 @@ class _Buffer:
             self.flush()
 
     def pending(self) -> Dict[str, tuple]:
-        """A copy of the counts not flushed yet (for tests and `--debug` output)."""
+        """A copy of the counts not flushed yet."""
         with self._lock:
             return {k: tuple(v) for k, v in self._pending.items()}
 

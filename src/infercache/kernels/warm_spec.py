@@ -263,8 +263,8 @@ def check_against_fn(kspec: KernelSpec, fn: Any) -> None:
         if name not in names:
             raise kspec.error(f"constexprs.{name}", f"no such argument (the function takes {', '.join(names)})")
         if name not in constexpr:
-            raise kspec.error(f"constexprs.{name}", "not a tl.constexpr parameter (an integer argument of 1 is "
-                                                    "`specialize: {name}: one`)".replace("{name}", name))
+            raise kspec.error(f"constexprs.{name}", f"not a tl.constexpr parameter (for an integer argument "
+                                                    f"of 1 write `specialize: {{{name}: one}}`)")
     for p in fn.params:
         if p.has_default:
             continue
