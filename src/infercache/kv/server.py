@@ -22,9 +22,11 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from infercache import __version__
 from infercache.kv.client import DEFAULT_MAX_TOKENS, ControllerError, LocalController
@@ -142,6 +144,14 @@ def create_app(
         ]
         fields = ", ".join(".".join(e["loc"][1:] if e["loc"][:1] == ["body"] else e["loc"]) or "body" for e in errors)
         return JSONResponse(status_code=422, content={"detail": errors, "error": f"invalid field(s): {fields}"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:  # a body FastAPI could not even decode (bad UTF-8...): malformed JSON
+            return JSONResponse(status_code=422, content={
+                "detail": [{"loc": ["body"], "msg": str(exc.detail), "type": "json_invalid"}],
+                "error": "invalid field(s): body (not a JSON document)"})  # fmt: skip
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(ControllerError)
     async def _controller_error(request: Request, exc: ControllerError) -> JSONResponse:

@@ -153,7 +153,7 @@ def test_wrong_types_are_422_naming_the_field(raw, path, body, field):
     assert any(".".join(e["loc"][1:]).startswith(field) for e in data["detail"])
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"null", b'{"tokens": [1,'])
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"null", b'{"tokens": [1,', b"\x00\x00", b"\xff\xfe{}"])
 def test_malformed_json_is_422(raw, content):
     resp = raw.post("/lookup", content=content, headers={"content-type": "application/json"})
     assert resp.status_code == 422, resp.text
