@@ -3,10 +3,13 @@ outside the staging dir, and nothing is left in the destination."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tarfile
 from pathlib import Path
+from typing import Callable
+
 import pytest
 
 from infercache.errors import InfercacheError
@@ -76,6 +79,96 @@ CORPUS: dict[str, tuple[list[Member], dict, str, dict]] = {
 }
 
 
+def _gzip_cut(layer: bytes) -> bytes:
+    """A gzip stream that ends early (its digest is right: the attacker published it like that)."""
+    return gzip.compress(layer, mtime=0)[:-64]
+
+
+def _gzip_corrupt(layer: bytes) -> bytes:
+    data = bytearray(gzip.compress(layer, mtime=0))
+    data[len(data) // 2] ^= 0xFF
+    return bytes(data)
+
+
+def _cut_in_member(layer: bytes) -> bytes:
+    """A plain tar cut inside the data of its k.cubin member."""
+    import io
+
+    with tarfile.open(fileobj=io.BytesIO(layer)) as tar:
+        cubin = next(m for m in tar.getmembers() if m.name.endswith("k.cubin"))
+    return layer[: cubin.offset_data + 10]
+
+
+def _cut_in_header(layer: bytes) -> bytes:
+    """A plain tar cut in the middle of a member's header block."""
+    import io
+
+    with tarfile.open(fileobj=io.BytesIO(layer)) as tar:
+        cubin = next(m for m in tar.getmembers() if m.name.endswith("k.cubin"))
+    return layer[: cubin.offset + 100]
+
+
+def _cut_at(name: str, where: str, back: int) -> Callable[[bytes], bytes]:
+    """A plain-tar editor that cuts the archive `back` bytes before member `name`'s `where` offset."""
+    import io
+
+    def cut(layer: bytes) -> bytes:
+        with tarfile.open(fileobj=io.BytesIO(layer)) as tar:
+            member = next(m for m in tar.getmembers() if m.name == name)
+        return layer[: getattr(member, where) - back]
+
+    return cut
+
+
+LONG = f"{E}/" + "L" * 120  # over 100 characters: tarfile writes a PAX header block before its own
+BIG = f"{E}/big.bin"  # over 4 MiB: streamed to disk, not handed to the writer threads
+# Attacks on the layer stream itself (build kwarg `edit_layer` turns the plain tar into the published blob).
+CORPUS.update({
+    "replaces-directory": (
+        valid_entry(extra=[Member(f"{E}/sub/", tarfile.DIRTYPE), Member(f"{E}/sub", data=b"file")]), {},
+        "would replace a directory", {}),
+    "hardlink-to-nothing": (valid_entry(extra=[Member(f"{E}/h", tarfile.LNKTYPE, linkname=f"{E}/absent")]), {},
+                            "points to no extracted file", {}),
+    "hardlink-other-entry": (valid_entry(extra=[Member(f"{E}/h", tarfile.LNKTYPE, linkname=f"io.triton.manifest/x")]),
+                             {}, "leaves its directory", {}),
+    "unknown-member-type": (valid_entry(extra=[Member(f"{E}/odd", b"Z")]), {}, "unsupported type", {}),
+    "member-over-limit": (valid_entry(), {}, "over the per-file limit", {"limits": ExtractLimits(max_member_bytes=16)}),
+    "too-many-members": (valid_entry(), {}, "more than 3 entries", {"limits": ExtractLimits(max_members=3)}),
+    "bomb-total-stream": (valid_entry(), {}, "expands beyond 2048 bytes",
+                          {"limits": ExtractLimits(max_total_bytes=2048)}),
+    "bomb-ratio-stream": (valid_entry(), {}, "expands more than 2x",
+                          {"limits": ExtractLimits(max_ratio=2, ratio_floor_bytes=0)}),
+    "group-file-too-large": (valid_entry(extra=[Member(f"{E}/__grp__big.json", data=b" " * (17 << 20))]), {},
+                             "too large for a group file", {}),
+    "not-a-tar": (valid_entry(), {"edit_layer": lambda layer: b"\x01" * 4096}, "not a valid tar archive", {}),
+    "tar-cut-in-header": (valid_entry(), {"edit_layer": _cut_in_header, "compression": "none"}, "not a cache image",
+                          {}),
+    "tar-cut-in-member": (valid_entry(), {"edit_layer": _cut_in_member, "compression": "none"},
+                          "truncated", {}),
+    "tar-cut-after-pax-header": (valid_entry(extra=[Member(LONG, data=b"x")]),
+                                 {"edit_layer": _cut_at(LONG, "offset_data", 200), "compression": "none"},
+                                 "not a valid tar archive: truncated header", {}),
+    "tar-cut-in-big-member": (valid_entry(extra=[Member(BIG, data=b"\x01" * (5 << 20))]),
+                              {"edit_layer": _cut_at(BIG, "offset_data", -(1 << 20)), "compression": "none"},
+                              "truncated inside", {}),
+    "gzip-cut": (valid_entry(), {"edit_layer": _gzip_cut, "compression": "none"},
+                 "compressed stream ends early", {}),
+    "gzip-corrupt": (valid_entry(), {"edit_layer": _gzip_corrupt, "compression": "none"}, "corrupt", {}),
+})
+
+#: Refusals no hand-built image can reach, each with why (matched on the start of the message).
+NOT_REACHABLE_BY_AN_IMAGE = {
+    "f'entry {name!r} has a NUL byte in its name'": "tarfile itself cuts member names at a NUL",
+    "f'entry {member.name} has no data'": "tarfile gives every regular member a data stream",
+    "'layer is truncated (unexpected end of data)'": "tarfile (3.10-3.13) reports a short archive as ReadError "
+                                                     "(tar-cut-after-pax-header), not EOFError",
+    "f'entry {rel} collides with a link'": "O_EXCL|O_NOFOLLOW guard: staging paths are checked before creation, "
+                                           "so only a process racing in the private staging dir trips it",
+    "f'entry {rel} would replace a directory'#2": "a path made here as a file or link cannot turn into a directory "
+                                                  "unless the staging dir changes under us",
+}
+
+
 def _snapshot(root: Path) -> set[str]:
     out = set()
     for dirpath, dirnames, filenames in os.walk(root):
@@ -84,8 +177,57 @@ def _snapshot(root: Path) -> set[str]:
     return out
 
 
-def test_corpus_is_large_enough() -> None:
-    assert len(CORPUS) >= 10
+def _refusal_sites() -> dict[tuple[str, int], str]:
+    """Every `raise UnsafeImageError(...)` of the extraction code: (file, line) → its message source."""
+    import ast
+
+    from infercache.vault import extract, file_writer
+
+    sites: dict[tuple[str, int], str] = {}
+    seen: dict[str, int] = {}
+    for module in (extract, file_writer):
+        tree = ast.parse(Path(module.__file__).read_text())
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)
+                    and getattr(node.exc.func, "id", "") == "UnsafeImageError"):
+                text = ast.unparse(node.exc.args[0]) if node.exc.args else ""
+                seen[text] = seen.get(text, 0) + 1
+                sites[(module.__file__, node.lineno)] = text if seen[text] == 1 else f"{text}#{seen[text]}"
+    return sites
+
+
+@pytest.mark.slow
+def test_corpus_is_large_enough(tmp_path: Path) -> None:
+    """Every refusal the extraction code can make is reached by some image in the corpus (or is listed,
+    with the reason, as unreachable by an image): a new check without a malicious case fails here."""
+    import sys
+    import threading
+
+    sites = _refusal_sites()
+    files = {f for f, _ in sites}
+    hit: set[tuple[str, int]] = set()
+
+    def local(frame, event, arg):  # type: ignore[no-untyped-def]
+        if event == "line":
+            hit.add((frame.f_code.co_filename, frame.f_lineno))
+        return local
+
+    def tracer(frame, event, arg):  # type: ignore[no-untyped-def]
+        return local if frame.f_code.co_filename in files else None
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    threading.settrace(tracer)  # refusals raised on the writer threads count too
+    try:
+        for case in sorted(CORPUS):
+            test_malicious_image_refused(case, tmp_path / case)
+    finally:
+        threading.settrace(None)  # type: ignore[arg-type]
+        sys.settrace(previous)
+    missing = sorted(text for site, text in sites.items() if site not in hit and text not in NOT_REACHABLE_BY_AN_IMAGE)
+    assert not missing, f"refusals no corpus image reaches: {missing}"
+    stale = sorted(set(NOT_REACHABLE_BY_AN_IMAGE) - set(sites.values()))
+    assert not stale, f"NOT_REACHABLE_BY_AN_IMAGE names refusals that no longer exist: {stale}"
 
 
 def test_valid_hand_built_image_is_accepted(tmp_path: Path) -> None:
@@ -101,8 +243,11 @@ def test_valid_hand_built_image_is_accepted(tmp_path: Path) -> None:
 def test_malicious_image_refused(case: str, tmp_path: Path) -> None:
     members, build_kwargs, message, unpack_kwargs = CORPUS[case]
     work = tmp_path / "work"
-    work.mkdir()
-    ref = build_image(tmp_path / "img", tar_bytes(members), **build_kwargs)
+    work.mkdir(parents=True)
+    kwargs = dict(build_kwargs)
+    edit_layer = kwargs.pop("edit_layer", None)
+    layer = tar_bytes(members)
+    ref = build_image(tmp_path / "img", edit_layer(layer) if edit_layer else layer, **kwargs)
     outside = work / "outside"
     outside.mkdir()
     (outside / "secret").write_text("do not touch")
