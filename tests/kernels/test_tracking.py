@@ -85,6 +85,17 @@ def test_eight_processes_at_once_lose_no_counts(triton_cache: Path, data_dir: Pa
     assert _usage(data_dir)[key][:2] == (200, 0)
 
 
+def test_forked_worker_counts_flushed_once(triton_cache: Path, data_dir: Path) -> None:
+    """A fork()ed multiprocessing child (exits by os._exit) flushes its counts; the parent's are not doubled."""
+    from infercache.testing.samples import compile_sample
+
+    out, _ = _finish(_worker(triton_cache, 3, data_dir, TRACKER_FORK="1"))
+    assert "hits=3" in out
+    usage = _usage(data_dir)
+    assert usage[_add_kernel_key(triton_cache)][:2] == (3, 0)
+    assert usage[compile_sample(triton_cache, "row_sum_kernel", "cuda:90").key][:2] == (1, 0)
+
+
 @pytest.fixture()
 def read_only_catalog(data_dir: Path) -> Iterator[Path]:
     """A catalog that exists but cannot be written: chattr +i as root (root ignores modes), else chmod."""

@@ -2,7 +2,8 @@
 
 Usage: python -m tests.kernels.tracker_worker CACHE_DIR N [START_FILE]
 Env: TRACKER_ACTIVATION=install|env, TRACKER_FLUSH_S (flush interval), TRACKER_LINGER_S
-(sleep after the compiles so background flushes happen), TRACKER_TARGET.
+(sleep after the compiles so background flushes happen), TRACKER_TARGET, TRACKER_FORK
+(compile in a forked multiprocessing child).
 """
 
 from __future__ import annotations
@@ -31,6 +32,21 @@ def main() -> None:
     if start_file:
         while not os.path.exists(start_file):
             time.sleep(0.01)
+    if os.environ.get("TRACKER_FORK"):
+        # Like a forked vLLM worker: the loop runs in a multiprocessing child that leaves by os._exit.
+        import multiprocessing
+
+        child = multiprocessing.get_context("fork").Process(target=_loop, args=(cache, n, target))
+        child.start()
+        child.join()
+        assert child.exitcode == 0
+        return
+    _loop(cache, n, target)
+
+
+def _loop(cache: str, n: int, target: str) -> None:
+    from infercache.testing.samples import compile_sample
+
     hits = 0
     for _ in range(n):
         hits += compile_sample(cache, "add_kernel", target).cache_hit
