@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from infercache.gpu.compat import installed_triton_version
 from infercache.kernels.catalog import Catalog
-from infercache.kernels.query import KernelFilter
+from infercache.kernels.query import KernelFilter, iso
 from infercache.kernels.triton_entry import IR_TYPES
 
 
@@ -46,8 +46,6 @@ class KernelHits:
         return self.hits / total if total else None
 
     def to_json(self) -> dict[str, Any]:
-        from infercache.kernels.query import iso
-
         return {"key": self.key, "name": self.name, "backend": self.backend, "arch": self.arch, "hits": self.hits,
                 "misses": self.misses, "hit_rate": self.hit_rate, "last_access": iso(self.last_access),
                 "compile_time_s": self.compile_time_s, "total_size": self.total_size}
