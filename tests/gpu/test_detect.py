@@ -10,8 +10,9 @@ keys as ROCm's binding), recorded ``amd-smi static --json`` / ``rocm-smi --json`
 from __future__ import annotations
 
 import ctypes.util
-import os
+import json
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -358,11 +359,48 @@ def test_tools_run_from_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert run_tool(["definitely-not-a-gpu-tool"]) is None
 
 
-def test_nvml_values_recorded_on_a_real_h100() -> None:
-    """NVML's answers as read on a real H100 80GB HBM3 (driver 580.159.04, CUDA 13.0), where
-    `infercache gpu --format json` printed target cuda:90, warp 32, max PTX ISA 9.0. The fake
-    module replays those answers: there is no GPU on the machines that run this suite."""
-    gpus = from_nvml(FakeNVML([("NVIDIA H100 80GB HBM3", (9, 0))], driver="580.159.04", cuda=13000))
-    assert gpus == [
-        LocalGpu(0, "NVIDIA H100 80GB HBM3", GpuTarget("cuda", "90", 32), "580.159.04", "13.0", 90, "nvml")
-    ]
+class NVMLReplay:
+    """Answers exactly what a real NVML answered (a recording in data/), nothing else.
+
+    A call the recording does not hold is noted in `unanswered` (and raises, as a missing
+    NVML symbol would), so detection code that starts asking NVML something new fails the
+    replay instead of reading an invented value.
+    """
+
+    NVMLError = NVMLError
+
+    def __init__(self, recording: dict[str, Any]) -> None:
+        self._answers = recording
+        self.unanswered: list[str] = []
+        self.shutdown_called = False
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlShutdown(self) -> None:
+        self.shutdown_called = True
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        if index >= len(self._answers["devices"]):
+            raise NVMLError("Invalid Argument")
+        return index
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._answers and name != "devices":
+            return lambda: self._answers[name]
+        if name.startswith("nvmlDevice") and all(name in d for d in self._answers["devices"]):
+            return lambda handle: self._answers["devices"][handle][name]
+        self.unanswered.append(name)
+        raise AttributeError(name)
+
+
+def test_replay_of_nvml_recorded_on_an_h100() -> None:
+    """A recorded replay, not a live GPU (there is none on the machines that run this suite): NVML's
+    answers on an H100 80GB HBM3 (driver 580.159.04, CUDA 13.0) go through detection, and the result
+    must be what `infercache gpu --format json` printed on that machine."""
+    recording = json.loads((DATA / "nvml_h100_driver580.json").read_text())
+    replay = NVMLReplay(recording["nvml"])
+    gpus = from_nvml(replay)
+    assert replay.unanswered == []
+    assert replay.shutdown_called
+    assert [gpu.to_json() for gpu in gpus] == recording["printed"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -110,29 +111,43 @@ def test_parallel_rescan_updates_in_place(triton_cache: Path, tmp_path: Path,
         assert third.unchanged == SAMPLE_ENTRIES and third.new == third.updated == 0
 
 
-def test_no_workers_falls_back_to_parsing_here(triton_cache: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """Where no process can be started (fork refused; faked: no way to exhaust processes safely)."""
+def test_no_workers_falls_back_to_parsing_here(triton_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Where no process can be started (fork refused; faked: no way to exhaust processes safely), the
+    parallel path is tried, gives up, and every entry is parsed in this process instead."""
     import concurrent.futures
+
+    attempts: list[str] = []
 
     class Refused:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            pass
+            attempts.append("pool")
 
         def map(self, *args: Any) -> Any:
+            attempts.append("map")
             raise OSError(11, "Resource temporarily unavailable")
 
         def shutdown(self, *args: Any, **kwargs: Any) -> None:
             pass
 
+    parsed_here: list[str] = []
+    real_prepare = indexer._prepare
+
+    def counting_prepare(path: str, *args: Any) -> Any:
+        parsed_here.append(path)  # only calls in this process land here; a worker's would not
+        return real_prepare(path, *args)
+
     monkeypatch.setattr(indexer, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(indexer, "_prepare", counting_prepare)
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Refused)
-    with Catalog(tmp_path / "c.db") as cat:
+    with caplog.at_level(logging.DEBUG, logger="infercache.kernels.indexer"), Catalog(tmp_path / "c.db") as cat:
         s = indexer.index(cat, [triton_cache], mode="triton", workers=2)
         assert s.new == SAMPLE_ENTRIES
         assert cat.conn.execute("SELECT count(*) FROM entries").fetchone()[0] == SAMPLE_ENTRIES
+    assert attempts == ["pool", "map"], "the parallel path was never tried"
+    assert "no parsing workers" in caplog.text
+    assert {os.path.basename(p) for p in parsed_here} >= {e.path.name for e in entries(triton_cache)}
     # The next run may use workers again (the guard was released).
     monkeypatch.undo()
-    monkeypatch.setattr(indexer, "PARALLEL_MIN", 1)
     assert indexer._PARALLEL.acquire(blocking=False)
     indexer._PARALLEL.release()
