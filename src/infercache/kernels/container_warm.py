@@ -29,6 +29,9 @@ from typing import Any, Mapping
 
 from infercache.errors import BadInputError, InfercacheError
 from infercache.fsutil import atomic_file, atomic_write_json
+from infercache.kernels.discovery import TritonCacheDir, discover
+from infercache.kernels.query import iso
+from infercache.kernels.triton_entry import TritonEntry, parse_entry
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +165,8 @@ def execute(plan: ContainerWarmPlan, token: str | None = None) -> ContainerWarmR
     entries = _triton_entries(plan.host_cache_dir)
     metadata = {
         **plan.to_json(),
-        "started": _iso(started),
-        "finished": _iso(started + duration),
+        "started": iso(started),
+        "finished": iso(started + duration),
         "duration_s": round(duration, 3),
         "triton_entries": entries,
         "infercache_version": _version(),
@@ -173,12 +176,6 @@ def execute(plan: ContainerWarmPlan, token: str | None = None) -> ContainerWarmR
     atomic_write_json(metadata_path, metadata)
     tar_path = write_tarball(plan.host_cache_dir, plan.output) if plan.tarball else None
     return ContainerWarmReport(plan, duration, metadata_path, len(entries), tar_path)
-
-
-def _iso(ts: float) -> str:
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def _version() -> str | None:
@@ -192,9 +189,6 @@ def _version() -> str | None:
 
 def _triton_entries(root: Path) -> list[Mapping[str, Any]]:
     """The Triton kernels the container left (key, name, target, place), for the metadata."""
-    from infercache.kernels.discovery import TritonCacheDir, discover
-    from infercache.kernels.triton_entry import TritonEntry, parse_entry
-
     found = []
     for item in discover(root, "vllm"):
         if not isinstance(item, TritonCacheDir):
