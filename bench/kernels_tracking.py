@@ -8,6 +8,7 @@
 
     .venv/bin/python bench/kernels_tracking.py
     .venv/bin/python bench/kernels_tracking.py --quick     # 2,000 lookups, 8 pairs
+    INFERCACHE_BENCH_QUICK=1 make bench
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def warm_throughput(work: Path, pairs: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer lookups and pairs")
+    parser.add_argument("--quick", action="store_true", default=os.environ.get("INFERCACHE_BENCH_QUICK") == "1",
+                        help="fewer lookups and pairs (also INFERCACHE_BENCH_QUICK=1)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="infercache-bench-tracking-") as tmp:
         work = Path(tmp)
