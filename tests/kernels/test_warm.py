@@ -206,6 +206,7 @@ def _spec(**fields: str) -> str:
     (_spec(signature='{x_ptr: "*fp32", y_ptr: "*fp32", out_ptr: "*fp32", n: i32, m: i32}'), "signature.m: no such argument"),
     (_spec(constexprs=None), "constexprs: missing a value for the tl.constexpr BLOCK"),
     (_spec(options="{num_warpz: 4}"), "options.num_warpz: unknown option for cuda:90"),
+    (_spec(options="{num_warps: [4, 3]}"), "options: num_warps=3 rejected by Triton for cuda:90: num_warps must be"),
     (_spec(specialize="{n: aligned16}"), "specialize.n: 'aligned16' is not one of divisible16, one, none"),
     (_spec(colour="blue"), "kernels[0] (tests.kernels.warm_kernels:add_kernel): unknown field(s) colour"),
     ("targets: [tpu:1]\n" + _spec(), "targets[0]: bad GPU target 'tpu:1'"),

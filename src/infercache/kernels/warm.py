@@ -187,8 +187,18 @@ def plan_warm(spec: WarmSpec, targets: Sequence[str] = ()) -> WarmPlan:
             check_launch_types(kspec, fn, backends[target])
         for constexprs, options in kspec.variants():
             for target in chosen:
+                _check_option_values(kspec, backends[target], target, options)
                 tasks.append(WarmTask(kspec, target, constexprs, options, spec.base_dir))
     return WarmPlan(tuple(tasks), chosen)
+
+
+def _check_option_values(kspec: KernelSpec, backend: Any, target: str, options: Mapping[str, Any]) -> None:
+    """Triton's own option parsing (num_warps a power of two...) before any worker starts."""
+    try:
+        backend.parse_options(dict(options))
+    except Exception as exc:  # noqa: BLE001 - Triton asserts; the message is all we have
+        point = ", ".join(f"{k}={v}" for k, v in options.items())
+        raise kspec.error("options", f"{point} rejected by Triton for {target}: {exc or type(exc).__name__}") from None
 
 
 def _backend(target: str) -> Any:
