@@ -33,6 +33,7 @@ class PackMode(str, Enum):
     auto = "auto"
     triton = "triton"
     vllm = "vllm"
+    inductor = "inductor"
 
 
 TLS = typer.Option(True, "--tls-verify/--no-tls-verify", help="Verify registry TLS certificates (default: verify).")
@@ -56,7 +57,7 @@ def _targets_text(targets: list[dict[str, Any]]) -> str:
 def pack_command(
     cache_dir: Path = typer.Argument(..., help="The cache directory to pack."),
     image_ref: str = typer.Argument(..., help="oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG], docker://HOST/REPO[:TAG]."),
-    mode: PackMode = typer.Option(PackMode.auto, "--mode", help="auto, triton or vllm."),
+    mode: PackMode = typer.Option(PackMode.auto, "--mode", help="auto, triton, vllm or inductor."),
     fmt: ImageFormat = typer.Option("oci", "--format", help="oci or docker media types."),  # type: ignore[valid-type]
     compression: Compression = typer.Option(  # type: ignore[valid-type]
         "gzip", "--compression", help="gzip, zstd or none (docker: gzip only)."),
@@ -140,6 +141,12 @@ def check_command(
         if result.gpus:
             console.print(table)
         console.print(f"image targets: {_targets_text(list(result.targets))}", highlight=False)
+        ind = result.extra.get("inductor")
+        if ind:
+            img = ind["image"] or {}
+            console.print(f"torch.compile: torch {img.get('torch_version')}, Python {img.get('python_version')}, "
+                          f"CPU ISA {img.get('cpu_isa')} ({'usable here' if ind['compatible'] else 'not usable here'})",
+                          highlight=False)
         console.print("compatible" if result.compatible else "NOT compatible", highlight=False)
     raise typer.Exit(0 if result.compatible else 1)
 

@@ -7,7 +7,8 @@ aggregates them per GPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from infercache.errors import BadInputError
@@ -15,7 +16,8 @@ from infercache.gpu import detect
 from infercache.gpu.compat import check_compatible, installed_triton_version
 from infercache.gpu.targets import GpuTarget
 from infercache.vault.image import config_labels, load_image
-from infercache.vault.labels import summary_targets
+from infercache.vault import inductor
+from infercache.vault.labels import component_label, summary_targets
 from infercache.vault.reference import ImageReference, RegistryOptions
 from infercache.vault.transport import open_source
 
@@ -68,6 +70,7 @@ class CheckResult:
         }
         if self.message:
             data["message"] = self.message
+        data.update(self.extra)  # "inductor": the torch.compile component's host verdict
         return data
 
 
@@ -140,4 +143,27 @@ def check_image(
         _manifest, config = load_image(source)
     finally:
         source.close()
-    return evaluate(str(source.reference), summary_targets(config_labels(config)), gpus, source_kind)
+    labels = config_labels(config)
+    return with_inductor(evaluate(str(source.reference), summary_targets(labels), gpus, source_kind), labels)
+
+
+def with_inductor(result: CheckResult, labels: dict[str, str]) -> CheckResult:
+    """Fold in the inductor component's verdict (torch, Python, CPU ISA of the compile host).
+
+    An image with Inductor parts is compatible when this host can hit on them and, if it
+    declares GPU targets, a GPU can use one; without GPU targets no GPU is needed.
+    """
+    raw = labels.get(component_label(inductor.COMPONENT, "summary"))
+    if raw is None:
+        return result
+    try:
+        summary = json.loads(raw)
+    except ValueError:
+        summary = None
+    host = inductor.check_summary(summary if isinstance(summary, dict) else None)
+    gpu_ok = result.compatible or not result.targets
+    message = result.message if result.targets else None
+    if not host.compatible:
+        message = "; ".join(host.reasons)
+    return replace(result, compatible=host.compatible and gpu_ok, message=message,
+                   extra={**result.extra, "inductor": host.to_json()})

@@ -15,9 +15,10 @@ from infercache import __version__
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS: tuple[str, ...] = ("triton", "vllm")
-CACHE_DIRS: Mapping[str, str] = {"triton": "io.triton.cache", "vllm": "io.vllm.cache"}
-MANIFEST_DIRS: Mapping[str, str] = {"triton": "io.triton.manifest", "vllm": "io.vllm.manifest"}
+COMPONENTS: tuple[str, ...] = ("triton", "vllm", "inductor")
+CACHE_DIRS: Mapping[str, str] = {"triton": "io.triton.cache", "vllm": "io.vllm.cache", "inductor": "io.inductor.cache"}
+MANIFEST_DIRS: Mapping[str, str] = {"triton": "io.triton.manifest", "vllm": "io.vllm.manifest",
+                                    "inductor": "io.inductor.manifest"}
 MANIFEST_NAME = "manifest.json"
 #: The only top-level directories a cache image layer may hold.
 TOP_LEVEL_DIRS: frozenset[str] = frozenset((*CACHE_DIRS.values(), *MANIFEST_DIRS.values()))
@@ -58,13 +59,19 @@ def summarize(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """`{"targets": [...]}`: the distinct targets, sorted so the label is reproducible."""
     seen: dict[str, dict[str, Any]] = {}
     for record in records:
+        if not record.get("backend"):  # an Inductor artifact, not a kernel: no GPU target
+            continue
         target = target_of(record)
         seen.setdefault(json.dumps(target, sort_keys=True), target)
     return {"targets": [seen[k] for k in sorted(seen)]}
 
 
-def build_labels(records: Mapping[str, list[dict[str, Any]]], sizes: Mapping[str, int]) -> dict[str, str]:
-    """Config labels for the components present (`records`/`sizes` keyed by component)."""
+def build_labels(records: Mapping[str, list[dict[str, Any]]], sizes: Mapping[str, int],
+                 extra_summaries: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, str]:
+    """Config labels for the components present (`records`/`sizes` keyed by component).
+
+    `extra_summaries`: fields added to a component's summary (the inductor host facts).
+    """
     present = [c for c in COMPONENTS if records.get(c)] or [c for c in COMPONENTS if c in records][:1]
     primary = "vllm" if "vllm" in present else (present[0] if present else "triton")
     all_records = [r for c in present for r in records[c]]
@@ -79,7 +86,8 @@ def build_labels(records: Mapping[str, list[dict[str, Any]]], sizes: Mapping[str
         labels[component_label(component, "entry-count")] = str(len(records[component]))
         labels[component_label(component, "cache-size-bytes")] = str(sizes.get(component, 0))
         labels[component_label(component, "summary")] = json.dumps(
-            summarize(records[component]), sort_keys=True, separators=(",", ":")
+            {**(extra_summaries or {}).get(component, {}), **summarize(records[component])},
+            sort_keys=True, separators=(",", ":"),
         )
     return labels
 

@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 from infercache.errors import BadInputError, InfercacheError
 from infercache.kernels.discovery import TritonCacheDir, detect_mode, discover
 from infercache.kernels.triton_entry import TMP_PREFIX, TritonEntry, group_children, parse_entry
+from infercache.vault import inductor as vault_inductor
 from infercache.vault import labels as L
 from infercache.vault.image import (
     DOCKER_CONFIG,
@@ -76,6 +77,9 @@ class PackPlan:
     records: dict[str, list[dict[str, Any]]]
     sizes: dict[str, int]
     skipped: tuple[tuple[str, str, str], ...]  # (path, kind, reason)
+    #: Per component: fields added to its manifest.json (inductor: "host") and to its summary label.
+    manifest_extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    summary_extra: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def entry_count(self) -> int:
@@ -147,13 +151,11 @@ def plan_pack(cache_dir: str | os.PathLike[str], mode: str = "auto") -> PackPlan
     if not root.is_dir():
         raise BadInputError(f"{root}: no such cache directory")
     root = root.resolve()
-    if mode not in ("auto", "triton", "vllm"):
-        raise BadInputError(f"bad --mode {mode!r}: choose auto, triton or vllm")
+    if mode not in ("auto", "triton", "vllm", "inductor"):
+        raise BadInputError(f"bad --mode {mode!r}: choose auto, triton, vllm or inductor")
     if mode == "auto":
         mode = detect_mode(root)
-        if mode == "inductor":
-            raise BadInputError(f"{root} looks like a Torch Inductor cache; pack supports triton and vllm caches")
-    component = "vllm" if mode == "vllm" else "triton"
+    component = {"vllm": "vllm", "inductor": "inductor"}.get(mode, "triton")
     top = L.CACHE_DIRS[component]
     files: list[PackFile] = []
     records: list[dict[str, Any]] = []
@@ -187,7 +189,21 @@ def plan_pack(cache_dir: str | os.PathLike[str], mode: str = "auto") -> PackPlan
                 )
             elif component == "vllm":
                 record.update({"vllm_hash": None, "rank": None, "prefix": None, "path": rel})
+            elif component == "inductor":
+                record.update({"kind": "triton", "path": rel, "unit": "dir", "torch_version": None})
             records.append(record)
+
+    manifest_extra: dict[str, dict[str, Any]] = {}
+    summary_extra: dict[str, dict[str, Any]] = {}
+    if component == "inductor":
+        # Everything else Inductor keeps (FX graph / AOTAutograd entries, compiled modules), with the host facts.
+        found_files, found_records = vault_inductor.plan_files(root, top)
+        files.extend(PackFile(arc, path, size, mtime) for arc, path, size, mtime in found_files)
+        records.extend(found_records)
+        facts = vault_inductor.host_facts()
+        manifest_extra[component] = {"host": facts.to_json()}
+        summary_extra[component] = {k: v for k, v in vault_inductor.summary(records, facts, []).items()
+                                    if k != "targets"}
 
     if component == "vllm":
         # Everything else in a vLLM cache (compiled graphs, artifacts, cache_key_factors.json) ships as is.
@@ -220,6 +236,8 @@ def plan_pack(cache_dir: str | os.PathLike[str], mode: str = "auto") -> PackPlan
         records={component: records},
         sizes={component: sum(f.size for f in files)},
         skipped=tuple(skipped),
+        manifest_extra=manifest_extra,
+        summary_extra=summary_extra,
     )
 
 
@@ -451,6 +469,7 @@ def write_layer(
                     entry_file["sha256"] = hashes[f"{base}/{entry_file['name']}"]
             manifests[component] = {"schema": L.MANIFEST_SCHEMA, "triton": [], "vllm": []}
             manifests[component][component] = records
+            manifests[component].update(plan.manifest_extra.get(component, {}))
         for component, doc in sorted(manifests.items()):
             data = canonical_json(doc)
             arcname = f"{L.MANIFEST_DIRS[component]}/{L.MANIFEST_NAME}"
@@ -534,7 +553,7 @@ def pack(
         finally:
             if os.path.exists(spool_name):
                 os.unlink(spool_name)
-        image_labels = L.build_labels(plan.records, plan.sizes)
+        image_labels = L.build_labels(plan.records, plan.sizes, plan.summary_extra)
         notes = L.annotations(title, created)
         config_raw = build_config(image_labels, diff_id, created, fmt, notes if fmt == "docker" else {})
         config = Descriptor(DOCKER_CONFIG if fmt == "docker" else OCI_CONFIG, sha256_digest(config_raw), len(config_raw))

@@ -33,7 +33,8 @@ from infercache.gpu import compat
 from infercache.gpu.targets import GpuTarget
 from infercache.kernels.triton_entry import GROUP_PREFIX, group_children, group_file_bytes
 from infercache.vault import labels as L
-from infercache.vault.check import CheckResult, evaluate, local_targets
+from infercache.vault import inductor
+from infercache.vault.check import CheckResult, evaluate, local_targets, with_inductor
 from infercache.vault.extract import ExtractedFile, ExtractLimits, StagingState, UnsafeImageError, extract_layer
 from infercache.vault.image import VerifyingReader, config_labels, load_image
 from infercache.vault.reference import ImageReference, RegistryOptions
@@ -93,7 +94,9 @@ def _primary_component(labels: dict[str, str]) -> str:
 
 
 def default_dest(component: str) -> Path:
-    """The spec's default: Triton cache dir resolution; vLLM caches go to the vLLM root."""
+    """The spec's default: Triton cache dir resolution; vLLM caches go to the vLLM root, Inductor's to its dir."""
+    if component == inductor.COMPONENT:
+        return paths.inductor_cache_dir()
     return paths.vllm_cache_root() if component == "vllm" else paths.triton_cache_dir()
 
 
@@ -282,14 +285,16 @@ def unpack(
         manifest, config = load_image(source)
         labels = config_labels(config)
         ref_text = str(source.reference)
-        check = evaluate(ref_text, L.summary_targets(labels), gpus, source_kind)
-        if not gpus:
+        check = with_inductor(evaluate(ref_text, L.summary_targets(labels), gpus, source_kind), labels)
+        component = _primary_component(labels)
+        if not gpus and component != inductor.COMPONENT:
             raise InfercacheError("no GPU detected and no --target given: cannot tell which entries to unpack")
         if not check.compatible and not force:
-            reasons = "; ".join(r for g in check.gpus for r in g.reasons) or "no matching target"
+            reasons = "; ".join([r for g in check.gpus for r in g.reasons]
+                                + list(check.extra.get("inductor", {}).get("reasons", []))) or check.message \
+                or "no matching target"
             raise InfercacheError(f"image {ref_text} is not compatible with this machine ({reasons}); "
                                   "use --force to unpack the compatible entries anyway")
-        component = _primary_component(labels)
         dest_path = Path(dest).expanduser() if dest is not None else default_dest(component)
         if dest_path.exists() and not dest_path.is_dir():
             raise BadInputError(f"{dest_path} exists and is not a directory")
@@ -322,10 +327,13 @@ def unpack(
                 if progress is not None:
                     progress(done, total)
             local_triton = compat.installed_triton_version()
-            report = _install(
-                staging, component, hashes, overwrite, installer, dest_path,
-                lambda rec: compat.compatible_with_any(GpuTarget.from_entry(rec), gpus, local_triton),
-            )
+            if component == inductor.COMPONENT:
+                report = _install_inductor(staging, hashes, overwrite, installer, dest_path, gpus, local_triton)
+            else:
+                report = _install(
+                    staging, component, hashes, overwrite, installer, dest_path,
+                    lambda rec: compat.compatible_with_any(GpuTarget.from_entry(rec), gpus, local_triton),
+                )
         except BaseException:
             installer.rollback()
             raise
@@ -355,6 +363,31 @@ def unpack(
         check=check,
         forced=force and not check.compatible,
     )
+
+
+def _install_inductor(
+    staging: Path, hashes: dict[str, ExtractedFile], overwrite: bool, installer: _Installer, dest: Path,
+    gpus: Sequence[Any], local_triton: str | None,
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...], int, tuple[str, ...]]:
+    """The inductor component: manifest checked against the layer, then each usable artifact moved in."""
+    records = L.manifest_records(_load_manifest_json(staging, inductor.COMPONENT), inductor.COMPONENT)
+    try:
+        checked = inductor.verify(L.CACHE_DIRS[inductor.COMPONENT], records, hashes)
+    except inductor.ManifestMismatch as exc:
+        raise UnsafeImageError(str(exc)) from None
+
+    def gpu_ok(record: Any) -> bool | None:
+        if not gpus:
+            return None
+        try:
+            return compat.compatible_with_any(GpuTarget.from_entry(record), gpus, local_triton)
+        except BadInputError:
+            return False
+
+    out = inductor.install(staging / L.CACHE_DIRS[inductor.COMPONENT], dest, checked, overwrite,
+                           lambda staged, final, ow: installer.install(staged, final, ow), gpu_ok,
+                           inductor.host_facts())
+    return tuple(out.extracted), tuple(out.replaced), tuple(out.present), tuple(out.skipped), 0, tuple(out.warnings)
 
 
 def _install(
