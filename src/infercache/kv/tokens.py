@@ -12,8 +12,7 @@ name, world size, worker id, the chunk hash, KV dtype and tags:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from infercache.errors import BadInputError
 
@@ -24,8 +23,7 @@ HASH_VERSION = b"infercache-kv-chunk-v1"
 KEY_HASH_BYTES = 16  # hex digits in a key: 32 (128 bits of the 256-bit chain hash)
 
 
-@dataclass(frozen=True)
-class Chunk:
+class Chunk(NamedTuple):
     """One chunk of a token sequence: tokens [start, end) and its cache key."""
 
     start: int
@@ -129,13 +127,12 @@ class TokenDatabase:
         cs = self.chunk_size
         n = len(tokens)
         pre, suf = self.key_prefix, self.key_suffix
-        out = []
-        for i, digest in enumerate(self.chunk_hashes(tokens)):
-            s = i * cs
-            if s < start:
-                continue
-            out.append(Chunk(s, min(s + cs, n), f"{pre}{digest[:KEY_HASH_BYTES].hex()}{suf}"))
-        return out
+        first = start // cs
+        digests = self.chunk_hashes(tokens)[first:]
+        return [
+            Chunk(s, s + cs if s + cs <= n else n, pre + d[:KEY_HASH_BYTES].hex() + suf)
+            for s, d in zip(range(first * cs, n, cs), digests)
+        ]
 
     def keys(self, tokens: Any) -> list[str]:
         """Cache keys of a token sequence (any accepted token form)."""
