@@ -107,3 +107,13 @@ def test_disk_full_leaves_no_partial_file_and_the_engine_goes_on(make_engine, tm
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
     assert os.path.isdir(mnt)
+
+
+def test_two_engines_share_a_disk_directory(make_engine, tmp_path) -> None:
+    a = make_engine(disk=True)
+    b = make_engine(disk=True)  # indexed the (empty) directory before a wrote anything
+    a.store(list(range(8)), kv_for(8))
+    a.flush()
+    assert b.locate(list(range(8))) == ["disk", "disk"]
+    mask, out = b.retrieve(list(range(8)))
+    assert bool(mask.all()) and np.array_equal(out, kv_for(8))

@@ -167,3 +167,15 @@ def test_pins_protect_from_eviction_and_time_out(make_engine) -> None:
     assert all(engine.pool.info(k)["pins"] == 0 for k in engine.db.keys(tokens))
     assert engine.pin(tokens) == 8 and engine.unpin(tokens) == 8
     assert engine.unpin(tokens) == 0
+
+
+def test_damaged_hot_record_is_a_counted_miss_and_removed(make_engine) -> None:
+    engine = make_engine()
+    tokens = list(range(8))
+    engine.store(tokens, kv_for(8))
+    key = engine.db.keys(tokens)[1]
+    engine.pool.put(key, b"\0" * 300)  # a foreign or torn value under the chunk's key
+    mask, out = engine.retrieve(tokens)
+    assert mask.tolist() == [True] * 4 + [False] * 4 and out.shape[2] == 4
+    assert not engine.pool.contains(key)
+    assert engine.stats().tiers["hot"].errors == 1

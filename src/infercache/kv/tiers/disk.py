@@ -6,6 +6,8 @@
 - The index (keys, sizes, expiry) is rebuilt at start from the files' headers, so a new
   engine on the same directory finds every chunk that was fully written; temp files left by a
   dead writer and short or foreign-looking chunk files are removed. (LMCache forgets its disk.)
+  A chunk file another engine wrote later is found by its name (derived from the key) on a
+  miss; the size cap is accounted per engine.
 - Reads check the header, the key and the payload's crc32; a bad file is a miss, removed and
   counted. Disk full during a write: that chunk is not stored, its temp file is removed.
 """
@@ -117,7 +119,24 @@ class DiskTier(Tier):
     # --------------------------------------------------------------- interface
     def contains(self, key: str) -> bool:
         entry = self.book.entries.get(key)
+        if entry is None:
+            entry = self._adopt(key)
         return entry is not None and not entry.extra.expired()
+
+    def _adopt(self, key: str) -> Any:
+        """A chunk another engine wrote into this directory since we indexed it: index it now."""
+        path = self.path_of(key)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return None
+        parsed = self._read_head(str(path), size)
+        if parsed is None or parsed[0] != key:
+            return None
+        with self._lock:
+            if key not in self.book.entries:
+                self.book.add(key, size, parsed[1].expires, parsed[1])
+            return self.book.entries.get(key)
 
     def put(self, key: str, head: ChunkHeader, payload: Any, ttl: float | None = None) -> bool:
         import time
@@ -157,7 +176,7 @@ class DiskTier(Tier):
 
     def read(self, key: str, sink: Sink, expired_ok: bool = False) -> tuple[bool, Any]:
         with self._lock:
-            entry = self.book.entries.get(key)
+            entry = self.book.entries.get(key) or self._adopt(key)
             if entry is None or (entry.extra.expired() and not expired_ok):
                 return False, None
             pending = self._pending.get(key)
