@@ -9,6 +9,7 @@ import re
 import stat
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -469,3 +470,54 @@ def test_replacements_of_every_size_keep_the_pool_consistent(make_pool, policy: 
     assert stats["entries"] == len(model) and stats["value_bytes"] == sum(map(len, model.values()))
     report = pool.check()
     assert report.ok and not report.problems and not report.recovered
+
+
+def _allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_cpu_pools_are_prefaulted_at_create_disk_pools_stay_sparse(make_pool, tmp_path: Path) -> None:
+    """Prefault makes the kernel allocate every page at create (so the first puts take no page
+    faults); without it a fresh tmpfs file holds only the pages the format wrote."""
+    warm = make_pool(size="8M")
+    assert _allocated(warm.path) >= os.stat(warm.path).st_size
+    cold = make_pool(size="8M", prefault=False)
+    assert _allocated(cold.path) < os.stat(cold.path).st_size // 2
+    disk = make_pool(size="8M", tier="disk", path=tmp_path / "sparse.pool")
+    assert _allocated(disk.path) < os.stat(disk.path).st_size // 2
+    for pool in (warm, cold, disk):
+        assert pool.put("k", b"v" * 5000) and pool.get("k") == b"v" * 5000
+        assert pool.check().ok
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_prefault_by_touching_pages_keeps_every_byte(tmp_path: Path, fresh: bool) -> None:
+    """The fallback for kernels without MADV_POPULATE_*: one write (fresh file) or one read (live
+    pool) per page. Bytes never change, and every page is backed afterwards."""
+    import mmap
+
+    from infercache.kv import lifecycle
+
+    path = Path("/dev/shm") / f"t-prefault-{uuid.uuid4().hex[:10]}"
+    size = 64 * mmap.PAGESIZE
+    content = os.urandom(3 * mmap.PAGESIZE + 17)
+    try:
+        with open(path, "wb") as handle:
+            handle.write(content)
+            handle.truncate(size)
+        assert _allocated(path) < size
+        with open(path, "r+b") as handle, mmap.mmap(handle.fileno(), size) as mm:
+            assert lifecycle.prefault(mm, fresh=fresh, method="touch") == "touch"
+        assert path.read_bytes() == content + bytes(size - len(content))
+        assert _allocated(path) >= size
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_open_with_prefault_sees_the_same_pool(make_pool) -> None:
+    pool = make_pool(size="4M")
+    assert pool.put("k", b"x" * 70_000)
+    with Pool.open(pool.name, prefault=True) as other:
+        assert other.get("k") == b"x" * 70_000
+        assert other.put("k2", b"y" * 9000)
+    assert pool.get("k2") == b"y" * 9000 and pool.check().ok

@@ -34,9 +34,11 @@ from infercache.units import format_size, parse_size
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".infercache-tmp-"
-# Linux's MADV_POPULATE_WRITE (5.14+): fault every page in, writable, in one call, writing
-# nothing. Python exposes the constant from 3.12 only; the number is Linux's ABI.
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform.startswith("linux") else None)
+# Linux's MADV_POPULATE_READ/WRITE (5.14+): fault every page in, in one call, writing nothing.
+# Python exposes the constants from 3.12 only; the numbers are Linux's ABI.
+_LINUX = sys.platform.startswith("linux")
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if _LINUX else None)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if _LINUX else None)
 T = TypeVar("T")
 
 
@@ -172,20 +174,30 @@ def _build(spec: PoolSpec, attach: Callable[[int, Path], T], mapping_of: Callabl
     return pool
 
 
-def prefault(mm: mmap.mmap) -> str:
-    """Fault every page of a fresh (not yet shared) mapping in, so the first puts copy at memory
-    speed instead of taking a page fault per 4 KiB (a fresh tmpfs mapping fills at ~0.25x
-    memcpy). MADV_POPULATE_WRITE where the kernel has it, else one write per page. Returns how."""
-    if MADV_POPULATE_WRITE is not None:
+def prefault(mm: mmap.mmap, fresh: bool = True, method: str | None = None) -> str:
+    """Fault every page of a mapping in, so the first puts copy at memory speed instead of taking
+    a page fault per 4 KiB (a fresh tmpfs mapping fills at ~0.25x memcpy). Returns the method.
+
+    `fresh` (a file nobody else sees yet, at create): MADV_POPULATE_WRITE allocates and maps
+    every page; without it (Linux < 5.14), one write per page. Else (attaching to a live pool):
+    MADV_POPULATE_READ only maps the pages that exist (fault-around maps 16 per fault, and a
+    shared tmpfs page is mapped writable); without it, one read per page (a write could race
+    another process's put). `method="touch"` skips the madvise (tests, old kernels).
+    """
+    advice = MADV_POPULATE_WRITE if fresh else MADV_POPULATE_READ
+    if advice is not None and method != "touch":
         try:
-            mm.madvise(MADV_POPULATE_WRITE)
+            mm.madvise(advice)
             return "madvise"
         except OSError as exc:  # EINVAL before Linux 5.14
-            log.debug("MADV_POPULATE_WRITE unavailable (%s); touching every page", exc)
+            log.debug("MADV_POPULATE_%s unavailable (%s); touching every page", "WRITE" if fresh else "READ", exc)
     import numpy as np
 
     pages = np.frombuffer(mm, dtype=np.uint8)[:: mmap.PAGESIZE]
-    pages[:] = pages  # a write per page; the bytes stay what they were (nobody else sees the file yet)
+    if fresh:
+        np.add(pages, 0, out=pages)  # a write per page, bytes unchanged (`pages[:] = pages` would be skipped)
+    else:
+        int(pages.sum())  # a read per page
     del pages
     return "touch"
 
