@@ -1,6 +1,6 @@
 """Shared-memory KV pool: bandwidth, small-op rate and allocator scaling, each next to a baseline.
 
-    .venv/bin/python bench/kv_pool.py [--quick] [--only bandwidth|small|allocator]
+    .venv/bin/python bench/kv_pool.py [--quick] [--only bandwidth|small|allocator|firstfill]
     (INFERCACHE_BENCH_QUICK=1 = --quick)
 
 Figures (baselines measured in the same run, on the same bytes):
@@ -11,7 +11,11 @@ Figures (baselines measured in the same run, on the same bytes):
   the same copies (medians of 3 runs);
 - allocator alloc+free pairs/s at 90% fill, 1 GiB pool vs 64 GiB pool (both disk tier,
   sparse files under /tmp, the same workload replayed on both, median of several rounds by
-  CPU time): target within 2x of each other.
+  CPU time): target within 2x of each other;
+- a fresh pool's first fill (4 MiB put+get into never-touched pages, 128 MiB in all) and create
+  time, 512 MiB and 8 GiB pools (--quick: 512 MiB only), prefault off vs on, next to memcpy over
+  the same bytes; then attaching a second time (as another process would) with open(prefault=)
+  off vs on: target first fill >= 0.6x memcpy with prefault.
 Every pool is destroyed at the end, also on error or Ctrl-C.
 """
 
@@ -158,6 +162,70 @@ class Bench:
         finally:
             pool.close()
         print("   x = pool / baseline on its left; get returns new bytes, so its baseline is tobytes()")
+
+    # ------------------------------------------------------------ first fill
+    def first_fill(self) -> None:
+        """Create time and first-fill bandwidth of fresh pools, prefault off vs on, vs memcpy.
+
+        A fresh tmpfs mapping takes a page fault per 4 KiB on its first touch (allocate, zero,
+        map); prefault does that at create. Every figure is one pass over never-touched pool
+        pages (no best-of: a second pass would not be a first fill); the memcpy baseline copies
+        the same 4 MiB values in and out of a warm 128 MiB buffer, in the same run.
+        """
+        from infercache.kv import Pool
+
+        value, count = 4 * MiB, 32
+        rng = np.random.default_rng(7)
+        srcs = [rng.integers(0, 256, size=value, dtype=np.uint8) for _ in range(count)]
+        outs = [np.empty_like(srcs[0]) for _ in range(count)]
+        for out, src in zip(outs, srcs):
+            np.copyto(out, src)  # destinations warm, like the pool's after prefault
+        print(f"\n== first fill: {count} x {format_size(value)} put+get into a fresh pool, GB/s (one pass, "
+              "total bytes / total time); create in s")
+        print(f"{'pool':>9} {'prefault':>10} | {'create s':>8} | {'memcpy':>7} {'fill':>7} {'x':>5}")
+
+        def fill(pool: Any, tag: str) -> float:
+            start = time.perf_counter()
+            for i, src in enumerate(srcs):
+                assert pool.put(f"ff-{tag}-{i}", src)
+                assert pool.get_into(f"ff-{tag}-{i}", outs[i]) == value
+            return _gbps(2 * value * count, time.perf_counter() - start)
+
+        def memcpy() -> float:
+            start = time.perf_counter()
+            for src, out in zip(srcs, outs):
+                np.copyto(out, src)
+                np.copyto(src, out)
+            return _gbps(2 * value * count, time.perf_counter() - start)
+
+        sizes = (512 * MiB,) if self.quick else (512 * MiB, 8 * GiB)
+        for size in sizes:
+            for prefault in (False, True):
+                start = time.perf_counter()
+                pool = self.create(size, prefault=prefault)
+                created = time.perf_counter() - start
+                try:
+                    base = memcpy()
+                    got = fill(pool, "a")
+                    print(f"{format_size(size):>9} {'at create' if prefault else 'off':>10} | {created:8.2f} | "
+                          f"{base:7.2f} {got:7.2f} {got / base:5.2f}")  # fmt: skip
+                    if prefault and got / base < 0.6:
+                        self.misses.append(f"first fill {format_size(size)}: {got / base:.2f}x memcpy (target 0.6x)")
+                    if prefault:  # a second attachment has its own page tables: as another process would
+                        for attach_prefault in (False, True):
+                            start = time.perf_counter()
+                            other = Pool.open(pool.name, data_dir=self.data_dir, prefault=attach_prefault)
+                            opened = time.perf_counter() - start
+                            try:
+                                base, got = memcpy(), fill(other, f"b{attach_prefault}")
+                            finally:
+                                other.close()
+                            label = "open+pf" if attach_prefault else "open"
+                            print(f"{'':>9} {label:>10} | {opened:8.2f} | {base:7.2f} {got:7.2f} {got / base:5.2f}")
+                finally:
+                    pool.close()
+                    self.destroy(pool.name)
+        print("   create s = Pool.create (open s for the attach rows); x = fill / memcpy (target 0.6x with prefault)")
 
     # ------------------------------------------------------------ small ops
     def small_ops(self) -> None:
@@ -442,7 +510,7 @@ def _small_worker(name: str, wid: int, n: int, mode: str, go: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--only", choices=("bandwidth", "small", "allocator"), action="append",
+    parser.add_argument("--only", choices=("bandwidth", "small", "allocator", "firstfill"), action="append",
                         help="run only this section (repeatable)")  # fmt: skip
     parser.add_argument("--sparse-dir", default="/tmp",
                         help="where the allocator section's sparse pool files go (default /tmp)")  # fmt: skip
@@ -453,7 +521,7 @@ def main() -> int:
         _small_worker(name, int(wid), int(n), mode, go)
         return 0
     quick = args.quick or os.environ.get("INFERCACHE_BENCH_QUICK") == "1"
-    sections = args.only or ["bandwidth", "small", "allocator"]
+    sections = args.only or ["bandwidth", "small", "allocator", "firstfill"]
     bench = Bench(quick, args.sparse_dir)
     print(f"kv pool bench ({'quick' if quick else 'full'}); {os.cpu_count()} CPUs; numpy {np.__version__}")
     try:
@@ -463,6 +531,8 @@ def main() -> int:
             bench.small_ops()
         if "allocator" in sections:
             bench.allocator()
+        if "firstfill" in sections:
+            bench.first_fill()
     finally:
         bench.cleanup()
     if bench.misses:
