@@ -133,6 +133,6 @@ def test_installed_triton_version_finds_pytorch_triton_rocm(tmp_path: Path, monk
             raise metadata.PackageNotFoundError(name)
         return real_version(name)
 
-    monkeypatch.setattr(compat.metadata, "version", without_pypi_triton)
+    monkeypatch.setattr(metadata, "version", without_pypi_triton)
     assert compat.installed_triton_version() == "3.4.0"
     assert stats.installed_triton_version is compat.installed_triton_version  # one answer for stats and unpack

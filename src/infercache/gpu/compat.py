@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any
 
 from infercache.gpu.detect import LocalGpu
@@ -44,6 +43,8 @@ TRITON_DISTRIBUTIONS: tuple[str, ...] = ("triton", "pytorch-triton", "pytorch-tr
 def installed_triton_version() -> str | None:
     """Version of the installed Triton, whichever distribution holds it, read from package metadata
     (no `import triton`, ~1 s saved). The one answer `kernels stats`, `gpu`, `vault check` and `unpack` use."""
+    from importlib import metadata  # stdlib, but ~9 ms: only when asked
+
     for dist in TRITON_DISTRIBUTIONS:
         try:
             return metadata.version(dist)

@@ -139,15 +139,33 @@ def _version_from_nvml_int(value: int) -> str:
 # ---------------------------------------------------------------------------- NVIDIA
 
 
-def from_nvml(nvml: Any) -> list[LocalGpu]:
-    """GPUs through an NVML binding (the ``pynvml`` module of nvidia-ml-py); [] when NVML fails."""
+def _query_library(
+    name: str, init: Callable[[], Any], shutdown: Callable[[], Any], read: Callable[[list[LocalGpu]], None]
+) -> list[LocalGpu]:
+    """One session with a GPU library binding: init (failing = no GPU of that kind, not an error),
+    `read` appending what it finds, shutdown whatever happened. A failure midway keeps what was read."""
     try:
-        nvml.nvmlInit()
-    except Exception as exc:  # NVMLError subclasses: library not found, driver not loaded...
-        logger.debug("NVML unavailable: %s", exc)
+        init()
+    except Exception as exc:  # library not found, driver not loaded...: the binding's own error types
+        logger.debug("%s unavailable: %s", name, exc)
         return []
     gpus: list[LocalGpu] = []
     try:
+        read(gpus)
+    except Exception as exc:
+        logger.warning("%s query failed: %s", name, exc)
+    finally:
+        try:
+            shutdown()
+        except Exception:
+            pass
+    return gpus
+
+
+def from_nvml(nvml: Any) -> list[LocalGpu]:
+    """GPUs through an NVML binding (the ``pynvml`` module of nvidia-ml-py); [] when NVML fails."""
+
+    def read(gpus: list[LocalGpu]) -> None:
         try:
             driver: str | None = _text(nvml.nvmlSystemGetDriverVersion())
         except Exception:
@@ -160,8 +178,7 @@ def from_nvml(nvml: Any) -> list[LocalGpu]:
                     break
                 except Exception:
                     continue
-        count = int(nvml.nvmlDeviceGetCount())
-        for index in range(count):
+        for index in range(int(nvml.nvmlDeviceGetCount())):
             try:
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
@@ -171,14 +188,8 @@ def from_nvml(nvml: Any) -> list[LocalGpu]:
                 continue
             target = GpuTarget.make("cuda", f"{int(major)}{int(minor)}", 32)
             gpus.append(LocalGpu(index, name, target, driver, cuda, max_ptx_for_cuda(cuda), "nvml"))
-    except Exception as exc:
-        logger.warning("NVML query failed: %s", exc)
-    finally:
-        try:
-            nvml.nvmlShutdown()
-        except Exception:
-            pass
-    return gpus
+
+    return _query_library("NVML", lambda: nvml.nvmlInit(), lambda: nvml.nvmlShutdown(), read)
 
 
 # ---------------------------------------------------------------------------- AMD
@@ -186,14 +197,12 @@ def from_nvml(nvml: Any) -> list[LocalGpu]:
 
 def from_amdsmi(amdsmi: Any) -> list[LocalGpu]:
     """GPUs through the ``amdsmi`` Python package (ROCm's library binding); [] when it fails."""
-    try:
+
+    def init() -> None:
         flags = getattr(getattr(amdsmi, "AmdSmiInitFlags", None), "INIT_AMD_GPUS", None)
         amdsmi.amdsmi_init(flags) if flags is not None else amdsmi.amdsmi_init()
-    except Exception as exc:
-        logger.debug("amdsmi unavailable: %s", exc)
-        return []
-    gpus: list[LocalGpu] = []
-    try:
+
+    def read(gpus: list[LocalGpu]) -> None:
         for index, handle in enumerate(amdsmi.amdsmi_get_processor_handles()):
             try:
                 asic = amdsmi.amdsmi_get_gpu_asic_info(handle)
@@ -208,14 +217,8 @@ def from_amdsmi(amdsmi: Any) -> list[LocalGpu]:
                            driver, "amdsmi")
             if gpu:
                 gpus.append(gpu)
-    except Exception as exc:
-        logger.warning("amdsmi query failed: %s", exc)
-    finally:
-        try:
-            amdsmi.amdsmi_shut_down()
-        except Exception:
-            pass
-    return gpus
+
+    return _query_library("amdsmi", init, lambda: amdsmi.amdsmi_shut_down(), read)
 
 
 def parse_amd_smi_static(output: str) -> list[LocalGpu]:

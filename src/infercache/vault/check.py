@@ -15,11 +15,10 @@ from infercache.errors import BadInputError
 from infercache.gpu import detect
 from infercache.gpu.compat import check_compatible, installed_triton_version
 from infercache.gpu.targets import GpuTarget
-from infercache.vault.image import config_labels, load_image
 from infercache.vault import inductor
 from infercache.vault.labels import component_label, summary_targets
 from infercache.vault.reference import ImageReference, RegistryOptions
-from infercache.vault.transport import open_source
+from infercache.vault.inspect import read_image_documents
 
 
 @dataclass(frozen=True)
@@ -138,13 +137,9 @@ def check_image(
 ) -> CheckResult:
     """Check an image (manifest + config only) against `targets` or the local GPUs."""
     gpus, source_kind = local_targets(targets)
-    source = open_source(reference, options)
-    try:
-        _manifest, config = load_image(source)
-    finally:
-        source.close()
-    labels = config_labels(config)
-    return with_inductor(evaluate(str(source.reference), summary_targets(labels), gpus, source_kind), labels)
+    docs = read_image_documents(reference, options)
+    labels = docs.labels
+    return with_inductor(evaluate(docs.reference, summary_targets(labels), gpus, source_kind), labels)
 
 
 def with_inductor(result: CheckResult, labels: dict[str, str]) -> CheckResult:

@@ -2,24 +2,41 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from infercache.errors import BadInputError
 from infercache.gpu.targets import GpuTarget
-from infercache.vault.image import config_labels, load_image
+from infercache.vault.image import ImageManifest, config_labels, load_image
 from infercache.vault.labels import LABEL_COMPONENTS, LABEL_ENTRY_COUNT, LABEL_SIZE, LABEL_TYPE, summary_targets
 from infercache.vault.reference import ImageReference, RegistryOptions
 from infercache.vault.transport import open_source
 
 
-def inspect_image(reference: str | ImageReference, options: RegistryOptions | None = None) -> dict[str, Any]:
-    """The spec's inspect document: reference, digest, media_type, labels, annotations, summary, layers."""
+@dataclass(frozen=True)
+class ImageDocuments:
+    """An image's manifest and config, and the labels in it: all that inspect and check read."""
+
+    reference: str
+    manifest: ImageManifest
+    config: dict[str, Any]
+    labels: dict[str, str]
+
+
+def read_image_documents(reference: str | ImageReference, options: RegistryOptions | None = None) -> ImageDocuments:
+    """Open the image, read its manifest and config (verified; no layer is read), close it."""
     source = open_source(reference, options)
     try:
         manifest, config = load_image(source)
     finally:
         source.close()
-    labels = config_labels(config)
+    return ImageDocuments(str(source.reference), manifest, config, config_labels(config))
+
+
+def inspect_image(reference: str | ImageReference, options: RegistryOptions | None = None) -> dict[str, Any]:
+    """The spec's inspect document: reference, digest, media_type, labels, annotations, summary, layers."""
+    docs = read_image_documents(reference, options)
+    manifest, config, labels = docs.manifest, docs.config, docs.labels
 
     def _int(key: str) -> int | None:
         try:
@@ -28,7 +45,7 @@ def inspect_image(reference: str | ImageReference, options: RegistryOptions | No
             return None
 
     return {
-        "reference": str(source.reference),
+        "reference": docs.reference,
         "digest": manifest.digest,
         "media_type": manifest.media_type,
         "config": {"digest": manifest.config.digest, "size": manifest.config.size,
