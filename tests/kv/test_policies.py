@@ -315,3 +315,41 @@ def test_large_s3fifo_matches_a_reference_model(make_pool) -> None:
         assert pool.evict(bytes=1) == 1
         got += list(before - set(pool.keys()))
     assert got == evicted
+
+
+def _s3_workload(pool) -> None:
+    _fill(pool, 12)
+    for i in (0, 1, 2, 5, 5, 7):  # read on probation: these move to main when ranked
+        pool.get(f"k{i}")
+
+
+def test_s3fifo_plan_changes_nothing_and_executes_like_evict(make_pool) -> None:
+    """A dry run ranks S3-FIFO victims with its queue moves kept aside; executing the plan later
+    ends exactly where a direct evict ends."""
+    planned, direct = _small(make_pool, "s3fifo"), _small(make_pool, "s3fifo")
+    for pool in (planned, direct):
+        _s3_workload(pool)
+    queues = {k: (planned.info(k)["queue"], planned.info(k)["freq"]) for k in planned.keys()}
+    plan = planned.plan_eviction(bytes=6 * BLOCK)
+    assert len(plan.victims) == 6 and plan.bytes_freed == 6 * BLOCK and plan.moves
+    assert {k: (planned.info(k)["queue"], planned.info(k)["freq"]) for k in planned.keys()} == queues
+    result = planned.execute_eviction(plan)
+    assert (result.evicted, result.bytes_freed, result.skipped) == (6, 6 * BLOCK, 0)
+    assert direct.evict(bytes=6 * BLOCK) == 6
+    assert planned.keys() == direct.keys()
+    assert [planned.info(k).to_json() | {"created": 0, "last_access": 0} for k in planned.keys()] == [
+        direct.info(k).to_json() | {"created": 0, "last_access": 0} for k in direct.keys()
+    ]
+    assert {v.key for v in plan.victims}.isdisjoint(planned.keys())
+
+
+def test_a_plan_skips_entries_changed_since(make_pool) -> None:
+    pool = _small(make_pool, "fifo")
+    _fill(pool, 8)
+    plan = pool.plan_eviction(bytes=3 * BLOCK)
+    assert [v.key for v in plan.victims] == ["k0", "k1", "k2"]
+    assert pool.put("k0", b"new" * 100)  # replaced: not the entry the plan saw
+    pool.pin("k1")  # pinned entries always stay
+    result = pool.execute_eviction(plan)
+    assert (result.evicted, result.skipped) == (1, 2)
+    assert pool.get("k0") == b"new" * 100 and pool.contains("k1") and not pool.contains("k2")
