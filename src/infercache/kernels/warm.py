@@ -22,6 +22,7 @@ import base64
 import contextlib
 import logging
 import os
+import sys
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,6 +242,22 @@ def run_task(task: WarmTask, cache_dir: str) -> WarmEntry | WarmFailure:
 
 def _worker_init() -> None:
     logging.getLogger("triton").setLevel(logging.ERROR)
+    _skip_torch_probe()
+
+
+def _skip_torch_probe() -> None:
+    """Spare each worker a 2-3 s `import torch` that no warm needs.
+
+    Triton's AMD backend imports torch on its first pointer argument only to ask whether a
+    ``torch.Tensor`` fits in 2 GiB; our stand-ins answer through ``ptr_range()``, which it
+    consults first. Left alone when torch is already loaded (a kernel module imported it).
+    """
+    try:
+        from triton.backends.amd.compiler import HIPBackend
+    except Exception:  # noqa: BLE001 - a Triton without the AMD backend
+        return
+    if getattr(HIPBackend, "_torch_available", False) is None and "torch" not in sys.modules:
+        HIPBackend._torch_available = False
 
 
 def execute(plan: WarmPlan, cache_dir: str | os.PathLike[str] | None = None, jobs: int = 1,
