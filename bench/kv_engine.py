@@ -66,6 +66,8 @@ class Bench:
         self.engines: list[Engine] = []
         self.redis: subprocess.Popen[bytes] | None = None
         self.redis_url: str | None = None
+        self.results: dict[str, Any] = {}
+        self.lmcache_python: str | None = None
 
     def engine(self, **kwargs: Any) -> Engine:
         kwargs.setdefault("pool_name", f"bench-eng-{uuid.uuid4().hex[:8]}")
@@ -127,7 +129,7 @@ class Bench:
         print(f"  Engine.lookup (list of ints)          {whole_list * 1e3:7.2f} ms")
         print(f"  chained chunk hashing alone (sha256)  {chain * 1e3:7.2f} ms")
         print(f"  baseline: sha256 of the raw bytes once {raw * 1e3:6.2f} ms   -> chain/raw {chain / raw:.2f}x")
-        self.results["lookup_ms"] = whole * 1e3
+        self.results["chain_ms"] = chain * 1e3
 
     # ------------------------------------------------------------------ bandwidth
     def bandwidth(self) -> None:
@@ -198,6 +200,7 @@ class Bench:
         p_write = median_time(plain_write, rounds, lambda: plain.unlink(missing_ok=True))
         p_read = median_time(plain_read, rounds)
         line("disk", (d_store, d_read), (p_write, p_read), 0.7)
+        self.results["disk_ms"] = (d_store * 1e3, d_read * 1e3)
 
         # Redis: the tier (pipelined value + header, crc32 checked) vs raw SET/GET
         url = self.start_redis()
@@ -269,24 +272,101 @@ class Bench:
 
     # ------------------------------------------------------------------ LMCache
     def lmcache(self) -> None:
-        print("\n== LMCache 0.5.6 on the same data")
-        try:
-            import lmcache  # noqa: F401
-            from lmcache.experimental.token_database import ChunkedTokenDatabase  # noqa: F401
-        except Exception as exc:  # noqa: BLE001 - optional peer
-            print(f"  skipped: lmcache is not importable here ({type(exc).__name__}); "
-                  "`pip install --no-deps lmcache==0.5.6` in a separate venv to compare")  # fmt: skip
+        print("\n== LMCache 0.5.6 on the same data (ChunkedTokenDatabase, LocalDiskBackend)")
+        python = self.lmcache_python or sys.executable
+        probe = subprocess.run([python, "-c", "import lmcache.v1.token_database"], capture_output=True,
+                               env={**os.environ, "LMCACHE_TRACK_USAGE": "false"})  # fmt: skip
+        if probe.returncode:
+            print("  skipped: lmcache is not importable (install it in its own venv: `pip install --no-deps "
+                  "lmcache==0.5.6` plus its pure-Python needs, then --lmcache-python VENV/bin/python)")  # fmt: skip
             return
-        print("  lmcache imports, but its comparison is not wired in this version of the bench")
+        if "chain_ms" not in self.results or "disk_ms" not in self.results:
+            print("  skipped: run it together with the lookup and bandwidth parts (our side of the ratios)")
+            return
+        rounds = 3 if self.quick else 5
+        done = subprocess.run([python, __file__, "--lmcache-worker", str(rounds), str(self.tmp / "lmc-disk")],
+                              capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "LMCACHE_TRACK_USAGE": "false"})  # fmt: skip
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+        if done.returncode or not lines:
+            print(f"  failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
+            return
+        import json
+
+        theirs = json.loads(lines[-1])
+        chain = self.results["chain_ms"]
+        print(f"  chunk keys, 128k tokens: ours {chain:6.2f} ms (sha256 chain) | LMCache process_tokens "
+              f"{theirs['process_tokens_ms']:6.2f} ms (builtin hash) | ours {theirs['process_tokens_ms'] / chain:5.1f}x faster")
+        ours_put, ours_get = self.results["disk_ms"]
+        print(f"  disk 32 MiB put+drain: ours {ours_put:6.1f} ms | LMCache {theirs['disk_put_ms']:6.1f} ms"
+              f" | ratio {theirs['disk_put_ms'] / ours_put:4.2f}x")
+        print(f"  disk 32 MiB get:       ours {ours_get:6.1f} ms | LMCache {theirs['disk_get_ms']:6.1f} ms"
+              f" | ratio {theirs['disk_get_ms'] / ours_get:4.2f}x")
+
+
+def lmcache_worker(rounds: int, directory: str) -> None:
+    """Runs inside an interpreter with lmcache 0.5.6: its token database and disk backend, JSON out."""
+    import asyncio
+    import json
+    import logging
+    import threading
+
+    import torch
+
+    logging.disable(logging.WARNING)
+    from lmcache.utils import CacheEngineKey
+    from lmcache.v1.config import LMCacheEngineConfig
+    from lmcache.v1.memory_allocators.tensor_memory_allocator import TensorMemoryAllocator
+    from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend
+    from lmcache.v1.storage_backend.local_disk_backend import LocalDiskBackend
+    from lmcache.v1.token_database import ChunkedTokenDatabase
+
+    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, 128000, 131072).astype(np.int64))
+    db = ChunkedTokenDatabase()
+    tdb = median_time(lambda: list(db.process_tokens(tokens=tokens, make_key=False)), rounds * 3)
+    cfg = LMCacheEngineConfig.from_defaults(chunk_size=256, local_cpu=False, max_local_cpu_size=0.5,
+                                            local_disk=directory + "/", max_local_disk_size=4)  # fmt: skip
+    alloc = TensorMemoryAllocator(torch.empty(256 * MiB, dtype=torch.uint8))
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    disk = LocalDiskBackend(cfg, loop, LocalCPUBackend(cfg, memory_allocator=alloc))
+    kvn = np.random.default_rng(1).standard_normal((2, 32, 256, 1024), dtype=np.float32).astype(np.float16)
+    kv = torch.from_numpy(kvn)
+    puts, gets = [], []
+    for i in range(rounds):
+        key = CacheEngineKey("bench", 1, 0, i, torch.float16)
+        t = time.perf_counter()
+        obj = alloc.allocate(kv.shape, torch.float16)  # LMCache's put path: a memory object, then a disk task
+        obj.tensor.copy_(kv)
+        disk.submit_put_task(key, obj)
+        while disk.exists_in_put_tasks(key) or not disk.contains(key):
+            time.sleep(0.0005)
+        puts.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        got = disk.get_blocking(key)
+        out = np.empty_like(kvn)
+        out[...] = got.tensor.view(torch.float16).reshape(kv.shape).numpy()
+        gets.append(time.perf_counter() - t)
+        assert np.array_equal(out, kvn)
+        got.ref_count_down()
+    print(json.dumps({"process_tokens_ms": tdb * 1e3, "disk_put_ms": statistics.median(puts) * 1e3,
+                      "disk_get_ms": statistics.median(gets) * 1e3}))  # fmt: skip
+    os._exit(0)  # LMCache's executor threads never exit on their own
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", default=os.environ.get("INFERCACHE_BENCH_QUICK") == "1")
     parser.add_argument("--only", choices=("lookup", "bandwidth", "replay", "lmcache"))
+    parser.add_argument("--lmcache-python", default=os.environ.get("INFERCACHE_LMCACHE_PYTHON"),
+                        help="an interpreter where lmcache 0.5.6 imports (its own venv)")  # fmt: skip
+    parser.add_argument("--lmcache-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.lmcache_worker:
+        lmcache_worker(int(args.lmcache_worker[0]), args.lmcache_worker[1])
+        return 0
     bench = Bench(args.quick)
-    bench.results = {}  # type: ignore[attr-defined]
+    bench.lmcache_python = args.lmcache_python
     try:
         for part in ("lookup", "bandwidth", "replay", "lmcache"):
             if args.only in (None, part):
