@@ -362,17 +362,8 @@ class Bench:
 
 
 def _allocator_of(pool: Any) -> Any:
-    """The pool's own allocator object (over the shared mapping), found by type."""
-    from infercache.kv.allocator import Allocator
-
-    for value in vars(pool).values() if hasattr(pool, "__dict__") else ():
-        if isinstance(value, Allocator):
-            return value
-    for name in getattr(type(pool), "__slots__", ()):
-        value = getattr(pool, name, None)
-        if isinstance(value, Allocator):
-            return value
-    raise RuntimeError("cannot find the pool's allocator")
+    """The pool's own allocator object (over the shared mapping): the bench drives it directly."""
+    return pool._st.alloc
 
 
 def _fill(alloc: Any, fill: float) -> tuple[Any, Any]:
