@@ -246,19 +246,26 @@ class ResumingStream(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
+    def read(self, size: int = -1) -> bytes:
+        """Up to `size` bytes as the connection hands them over (no extra copy on the way)."""
         import requests
         import urllib3
 
-        view = memoryview(buffer).cast("B")
+        if size is None or size < 0:
+            return self.readall()
         while True:
             try:
-                data = self._reply.raw.read(len(view), decode_content=False)
+                data = self._reply.raw.read(size, decode_content=False)
                 break
             except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, ConnectionError) as exc:
                 self._resume(exc)
         self._pos += len(data)
         self._stats.bytes_downloaded += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
         view[: len(data)] = data
         return len(data)
 
