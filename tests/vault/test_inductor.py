@@ -226,3 +226,26 @@ def test_layer_tar_is_what_extract_accepts(torch_cache_master: TorchCache, tmp_p
     ref = _pack(torch_cache_master.root, tmp_path)
     tops = {name.split("/")[0] for name in read_layer(ref)}
     assert tops == {"io.inductor.cache", "io.inductor.manifest"} and tops <= TOP_LEVEL_DIRS
+
+
+@pytest.mark.slow
+def test_vllm_cache_ships_its_inductor_parts_warm(torch_cache_master: TorchCache, tmp_path: Path) -> None:
+    """A legacy vLLM tree whose rank dir holds the real Inductor cache: --mode vllm packs it as the inductor
+    component (with vLLM hash/rank), and after unpacking into another vLLM root it is still warm."""
+    rank = tmp_path / "vllm" / "torch_compile_cache" / "a1b2c3d4e5" / "rank_0_0"
+    torch_cache_master.copy(rank / "inductor_cache")
+    (rank / "vllm_compile_cache.py").write_text("{}\n")
+    ref = f"oci:{tmp_path / 'img'}:v1"
+    result = pack(tmp_path / "vllm", ref, mode="vllm")
+    labels = result.labels
+    assert json.loads(labels["model.cache.image/components"]) == ["vllm", "inductor"]
+    records = json.loads(read_layer(ref)["io.inductor.manifest/manifest.json"][1] or b"")["inductor"]
+    assert {(r["vllm_hash"], r["rank"]) for r in records} == {("a1b2c3d4e5", "rank_0_0")}
+    assert all(r["path"].startswith("torch_compile_cache/a1b2c3d4e5/rank_0_0/inductor_cache") for r in records)
+    dest = tmp_path / "node"
+    report = unpack(ref, dest, ["cuda:90"])
+    assert report.other_files == 1  # vllm_compile_cache.py
+    cache = dest / "torch_compile_cache" / "a1b2c3d4e5" / "rank_0_0" / "inductor_cache"
+    assert not (cache / "locks").exists()
+    warm = run_fresh(cache)
+    assert warm["compile_work"] == 0, warm["build_targets"]

@@ -25,14 +25,19 @@ def test_pack_vllm_cache_labels_and_layout(vllm_root: tuple[Path, int], tmp_path
     root, count = vllm_root
     ref = f"oci:{tmp_path / 'img'}"
     result = pack(root, ref)
-    assert result.entries == count == 48
     labels = result.labels
+    assert result.entries == count + int(labels["cache.inductor.image/entry-count"]) and count == 48
     assert labels["model.cache.image/type"] == "vllm"
-    assert json.loads(labels["model.cache.image/components"]) == ["vllm"]
+    # Its Inductor caches (inductor_cache/, unpacked artifacts) ship as the inductor component.
+    assert json.loads(labels["model.cache.image/components"]) == ["vllm", "inductor"]
     assert labels["cache.vllm.image/entry-count"] == "48"
     assert len(json.loads(labels["cache.vllm.image/summary"])["targets"]) == 4
     members = read_layer(ref)
-    assert all(n.split("/")[0] in ("io.vllm.cache", "io.vllm.manifest") for n in members)
+    assert all(n.split("/")[0] in ("io.vllm.cache", "io.vllm.manifest", "io.inductor.cache", "io.inductor.manifest")
+               for n in members)
+    inductor_manifest = json.loads(members["io.inductor.manifest/manifest.json"][1])
+    assert {(r["kind"], r["vllm_hash"]) for r in inductor_manifest["inductor"]} >= {("fxgraph", "0a1b2c3d4e")}
+    assert not any(n.startswith("io.vllm.cache/") and "/fxgraph/" in n for n in members)
     assert "io.vllm.cache/torch_compile_cache/0a1b2c3d4e/rank_0_0/vllm_compile_cache.py" in members
     manifest = json.loads(members["io.vllm.manifest/manifest.json"][1])
     assert manifest["triton"] == [] and len(manifest["vllm"]) == 48
@@ -54,7 +59,10 @@ def test_unpack_vllm_into_vllm_root_per_entry(
     report = unpack(ref, None, ["cuda:90"])
     dest = (tmp_path / "node-vllm").resolve()
     assert report.dest == dest
-    assert len(report.extracted) == 12 and len(report.skipped_incompatible) == 36
+    kernels = [e for e in report.extracted if len(e.rsplit("/", 1)[-1]) == 52]  # the rest: Inductor artifacts
+    assert len(kernels) == 12 and len(report.skipped_incompatible) == 36
+    assert (dest / "torch_compile_cache" / "0a1b2c3d4e" / "rank_0_0" / "inductor_cache" / "fxgraph" / "ab"
+            / "fabcdef0123").is_dir()
     assert report.other_files > 0
     assert (dest / "torch_compile_cache" / "0a1b2c3d4e" / "rank_0_0" / "vllm_compile_cache.py").is_file()
     triton_cache = dest / "torch_compile_cache" / "0a1b2c3d4e" / "rank_0_0" / "triton_cache"

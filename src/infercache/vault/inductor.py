@@ -29,6 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from infercache.kernels.discovery import vllm_info_for
 from infercache.kernels.inductor import scan_root
 
 logger = logging.getLogger(__name__)
@@ -222,8 +223,14 @@ def plan_files(root: Path, top: str, base: str = "",
             record.update(where(row.path))
         records.append(record)
     for p in scan.problems:
-        logger.warning("packing damaged artifact %s as is: %s", p.path, p.reason)
+        logger.info("packing damaged artifact %s as is: %s", p.path, p.reason)
     return files, records
+
+
+def vllm_fields(path: str) -> dict[str, Any]:
+    """The vLLM fields of an inductor record inside a vLLM tree (hash dir, rank dir, prefix)."""
+    info = vllm_info_for(Path(path))
+    return {"vllm_hash": info.hash or None, "rank": info.rank or None, "prefix": info.prefix}
 
 
 def summary(records: Iterable[Mapping[str, Any]], facts: HostFacts, targets: list[dict[str, Any]]) -> dict[str, Any]:

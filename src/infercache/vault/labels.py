@@ -72,7 +72,8 @@ def build_labels(records: Mapping[str, list[dict[str, Any]]], sizes: Mapping[str
 
     `extra_summaries`: fields added to a component's summary (the inductor host facts).
     """
-    present = [c for c in COMPONENTS if records.get(c)] or [c for c in COMPONENTS if c in records][:1]
+    present = [c for c in COMPONENTS if records.get(c) or (c in records and sizes.get(c))] or [
+        c for c in COMPONENTS if c in records][:1]
     primary = "vllm" if "vllm" in present else (present[0] if present else "triton")
     all_records = [r for c in present for r in records[c]]
     labels = {

@@ -195,6 +195,8 @@ def plan_pack(cache_dir: str | os.PathLike[str], mode: str = "auto") -> PackPlan
 
     manifest_extra: dict[str, dict[str, Any]] = {}
     summary_extra: dict[str, dict[str, Any]] = {}
+    inductor_records: list[dict[str, Any]] = []
+    taken: set[Path] = set()  # files of the inductor component inside a vLLM cache
     if component == "inductor":
         # Everything else Inductor keeps (FX graph / AOTAutograd entries, compiled modules), with the host facts.
         found_files, found_records = vault_inductor.plan_files(root, top)
@@ -206,9 +208,19 @@ def plan_pack(cache_dir: str | os.PathLike[str], mode: str = "auto") -> PackPlan
                                     if k != "targets"}
 
     if component == "vllm":
-        # Everything else in a vLLM cache (compiled graphs, artifacts, cache_key_factors.json) ships as is.
+        # Everything else in a vLLM cache (compiled graphs, artifacts, cache_key_factors.json) ships as is,
+        # but for its Inductor caches, which ship as the inductor component (locks and temp files left out).
+        inductor_dirs: list[str] = []
         for dirpath, dirnames, filenames in os.walk(root):
             here = Path(dirpath)
+            if here != root and (here.name == "inductor_cache" or here.name.startswith("artifact_compile_range_")):
+                found_files, found_records = vault_inductor.plan_files(
+                    here, L.CACHE_DIRS["inductor"], here.relative_to(root).as_posix(), vault_inductor.vllm_fields)
+                files.extend(PackFile(arc, path, size, mtime) for arc, path, size, mtime in found_files)
+                taken.update(path for _, path, _, _ in found_files)
+                inductor_records.extend(found_records)
+                inductor_dirs.append(str(here) + "/")
+            inside_inductor = any((dirpath + "/").startswith(d) for d in inductor_dirs)
             if here in triton_dirs:
                 dirnames[:] = []
                 for name in filenames:  # stray files beside Triton entries
@@ -221,10 +233,17 @@ def plan_pack(cache_dir: str | os.PathLike[str], mode: str = "auto") -> PackPlan
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(TMP_PREFIX) and not os.path.islink(here / d))
             for name in sorted(filenames):
                 p = here / name
+                if inside_inductor:  # an artifact already planned above, or a lock / temp file
+                    continue
                 st = os.lstat(p)
                 if not stat.S_ISREG(st.st_mode) or name.startswith(TMP_PREFIX):
                     continue
                 files.append(PackFile(f"{top}/{p.relative_to(root).as_posix()}", p, st.st_size, st.st_mtime))
+        if inductor_records:
+            facts = vault_inductor.host_facts()
+            manifest_extra["inductor"] = {"host": facts.to_json()}
+            summary_extra["inductor"] = {k: v for k, v in vault_inductor.summary(inductor_records, facts, []).items()
+                                         if k != "targets"}
 
     if not records and not files:
         raise BadInputError(f"{root}: no kernel cache entries found (mode {mode})")
@@ -233,8 +252,9 @@ def plan_pack(cache_dir: str | os.PathLike[str], mode: str = "auto") -> PackPlan
         cache_dir=root,
         mode=mode,
         files=tuple(files),
-        records={component: records},
-        sizes={component: sum(f.size for f in files)},
+        records={component: records, **({"inductor": inductor_records} if inductor_records else {})},
+        sizes={component: sum(f.size for f in files if f.path not in taken),
+               **({"inductor": sum(f.size for f in files if f.path in taken)} if inductor_records else {})},
         skipped=tuple(skipped),
         manifest_extra=manifest_extra,
         summary_extra=summary_extra,

@@ -334,6 +334,9 @@ def unpack(
                     staging, component, hashes, overwrite, installer, dest_path,
                     lambda rec: compat.compatible_with_any(GpuTarget.from_entry(rec), gpus, local_triton),
                 )
+                if (staging / L.MANIFEST_DIRS[inductor.COMPONENT]).is_dir():  # a vLLM cache's Inductor parts
+                    more = _install_inductor(staging, hashes, overwrite, installer, dest_path, gpus, local_triton)
+                    report = tuple(a + b for a, b in zip(report, more))  # type: ignore[assignment]
         except BaseException:
             installer.rollback()
             raise
