@@ -260,7 +260,7 @@ class Bench:
                 hit += int(mask.sum())
                 total += len(prompt)
                 engine.store(arr, kv[:, :, : len(prompt)])
-            return hit / total, engine.stats().tiers["hot"].evictions + engine.pool.stats()["evictions"]
+            return hit / total, engine.stats().tiers["hot"].evictions
 
         ceiling, dropped = run("lru", distinct * chunk_bytes * 4)
         assert dropped == 0, "the baseline cache must be big enough to keep everything"

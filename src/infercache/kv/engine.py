@@ -199,6 +199,9 @@ class Engine:
         seq = next(self._seq)
         self._ttl[(key, tier)] = seq
         heapq.heappush(self._expiry, (expires - _demotion_lead(ttl), seq, key, tier, ttl))
+        if len(self._expiry) > 4 * len(self._ttl) + 1024:  # re-stored chunks leave stale entries: compact
+            self._expiry = [e for e in self._expiry if self._ttl.get((e[2], e[3])) == e[1]]
+            heapq.heapify(self._expiry)
         self._wake.set()
 
     def _placement(self, chunks: list[Chunk], metadata: Any) -> tuple[int, float | None]:
@@ -359,7 +362,7 @@ class Engine:
             state["out"] = np.empty((2, head.shape[1], total, head.shape[3]), dtype=head.storage_dtype())
             state["code"], state["kind"] = head.dtype, head.kind
         out = state["out"]
-        if (head.dtype, head.kind) != (state["code"], state["kind"]) or head.shape != (
+        if head.dtype != state["code"] or head.shape != (
             2, out.shape[1], chunk.end - chunk.start, out.shape[3],
         ):  # fmt: skip
             raise ValueError(f"chunk {chunk.key} has shape {head.shape}, expected the request's geometry")
@@ -471,7 +474,7 @@ class Engine:
         tiers = {}
         for name, tier in self._tiers.items():
             c = tier.counters
-            tiers[name] = TierStats(c.hits, c.misses, c.stores, tier.bytes_used(), c.evictions, c.errors)
+            tiers[name] = TierStats(c.hits, c.misses, c.stores, tier.bytes_used(), tier.eviction_count(), c.errors)
         return EngineStats(self.instance_id, self.config.chunk_size, tiers)
 
     def flush(self) -> None:

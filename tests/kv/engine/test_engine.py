@@ -163,6 +163,7 @@ def test_pins_protect_from_eviction_and_time_out(make_engine) -> None:
     for i in range(12):  # far more than the pool holds
         engine.store([1000 + 10 * i + j for j in range(4)], kv_for(4, layers=8, hidden=64, seed=i))
     assert engine.lookup(tokens) == 8
+    assert engine.stats().tiers["hot"].evictions >= 9  # 5 records fit (3 blocks each), 2 of them pinned
     engine.expire(now=time.time() + 31)  # the pins time out
     assert all(engine.pool.info(k)["pins"] == 0 for k in engine.db.keys(tokens))
     assert engine.pin(tokens) == 8 and engine.unpin(tokens) == 8

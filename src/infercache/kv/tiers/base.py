@@ -196,6 +196,9 @@ class Tier(ABC):
     @abstractmethod
     def bytes_used(self) -> int: ...
 
+    def eviction_count(self) -> int:
+        return self.counters.evictions
+
     def flush(self) -> None:
         """Wait for queued writes."""
 

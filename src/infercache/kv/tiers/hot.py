@@ -53,6 +53,17 @@ class HotTier(Tier):
         self.write_back = write_back
         self.book = Tracker(policy)
         self._staging: Any = None
+        self._pool_evictions_at_open = self._pool_evictions()
+
+    def _pool_evictions(self) -> int:
+        try:
+            return int(self.pool.stats()["evictions"])
+        except Exception:  # noqa: BLE001
+            return 0
+
+    def eviction_count(self) -> int:
+        """Chunks this engine demoted plus entries the shared pool evicted by itself since we attached."""
+        return self.counters.evictions + self._pool_evictions() - self._pool_evictions_at_open
 
     # --------------------------------------------------------------- interface
     def contains(self, key: str) -> bool:
@@ -72,10 +83,7 @@ class HotTier(Tier):
         try:
             if self.write_back and self.evict_hook is not None:
                 self._make_room(len(record), key)
-            before = pool.stats()["evictions"] if self.write_back else 0
             ok = pool.put(key, record, ttl=ttl) if ttl else pool.put(key, record)
-            if self.write_back:
-                self.counters.evictions += pool.stats()["evictions"] - before  # dropped by the pool itself
         except BadInputError as exc:  # larger than the whole pool
             self._error("put", exc)
             return False
@@ -84,8 +92,16 @@ class HotTier(Tier):
             return False
         if ok:
             self.counters.stores += 1
-            self.book.add(key, nbytes, time.time() + ttl if ttl else 0.0)
+            if self.write_back:  # the book only serves write_back's own victim choice
+                self.book.add(key, nbytes, time.time() + ttl if ttl else 0.0)
+                if len(self.book.entries) > 2 * self.pool.capacity_entries:
+                    self._prune_book()
         return ok
+
+    def _prune_book(self) -> None:
+        """Forget chunks the pool dropped by itself (its own eviction, expiry, other processes)."""
+        for key in [k for k in self.book.entries if not self.pool.contains(k)]:
+            self.book.remove(key)
 
     def read(self, key: str, sink: Sink, expired_ok: bool = False) -> tuple[bool, Any]:
         try:
@@ -97,14 +113,15 @@ class HotTier(Tier):
                 if bytes(view[HEADER_BYTES:start]) != key.encode():
                     raise ValueError("record key mismatch")
                 result = sink(head, view[start : start + head.nbytes])
-        except ValueError as exc:
+        except ValueError as exc:  # not a chunk record of ours, or torn: a counted miss, removed
             self._error("read", exc)
             self.delete(key)
             return False, None
         except Exception as exc:  # noqa: BLE001
             self._error("read", exc)
             return False, None
-        self.book.touch(key)
+        if self.write_back:
+            self.book.touch(key)
         return True, result
 
     def delete(self, key: str) -> bool:

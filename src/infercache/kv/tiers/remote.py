@@ -177,6 +177,10 @@ class RemoteTier(Tier):
         if ok:
             with self._lock:
                 self.book.add(key, size, expires)
+                if self.book.tick % 1024 == 0:  # Redis dropped expired keys itself: forget them here
+                    now = time.time()
+                    for gone in [k for k, e in self.book.entries.items() if e.expires and e.expires <= now]:
+                        self.book.remove(gone)
             self.counters.stores += 1
         return ok
 
