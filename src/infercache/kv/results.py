@@ -52,7 +52,7 @@ class ResultMixin(Mapping[str, Any]):
 
 @dataclass(frozen=True)
 class PoolStats(ResultMixin):
-    """Sizes, use and counters of a pool (`kv status --format json` promises the first twelve)."""
+    """Sizes, use and counters of a pool (a superset of the keys the spec promises for `kv status`)."""
 
     _OMIT_NONE: ClassVar[tuple[str, ...]] = ("attached",)
 
