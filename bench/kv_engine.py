@@ -5,8 +5,8 @@
 
 Figures (baselines measured in the same run, on the same bytes):
 - lookup of a fully cached 128k-token prompt (512 chunks of 256): the whole `Engine.lookup`
-  (target < 2 ms) and the chained chunk hashing alone, next to sha256 over the raw token
-  bytes once;
+  (target < 2 ms; repeated, and a first lookup whose chunk keys are not remembered yet) and
+  the chained chunk hashing alone, next to sha256 over the raw token bytes once;
 - store + retrieve of a 7B-like chunk (32 layers x 2 x 256 tokens x 1024 hidden, fp16 =
   32 MiB): hot tier through the engine vs a dict of numpy copies (target >= 0.6x); disk tier
   vs a plain file write + read of the same bytes (>= 0.7x); Redis tier vs raw redis-py
@@ -121,11 +121,13 @@ class Bench:
         rounds = 10 if self.quick else 30
         arr = tokens.astype("<u4")
         whole = median_time(lambda: engine.lookup(tokens), rounds)
+        first = median_time(lambda: engine.lookup(tokens), rounds, engine.db._memo.clear)
         as_list = tokens.tolist()
         whole_list = median_time(lambda: engine.lookup(as_list), max(3, rounds // 3))
         chain = median_time(lambda: engine.db.chunk_hashes(arr), rounds)
         raw = median_time(lambda: hashlib.sha256(arr.tobytes()).digest(), rounds)
         print(f"  Engine.lookup (numpy tokens)          {whole * 1e3:7.2f} ms   (target < 2 ms)")
+        print(f"  Engine.lookup, keys not remembered    {first * 1e3:7.2f} ms   (a prompt's first lookup)")
         print(f"  Engine.lookup (list of ints)          {whole_list * 1e3:7.2f} ms")
         print(f"  chained chunk hashing alone (sha256)  {chain * 1e3:7.2f} ms")
         print(f"  baseline: sha256 of the raw bytes once {raw * 1e3:6.2f} ms   -> chain/raw {chain / raw:.2f}x")

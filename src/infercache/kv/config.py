@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from infercache.errors import BadInputError
+from infercache.kv.policies import POLICIES
 from infercache.units import parse_size
 
 REMOTE_SCHEMES = ("redis", "rediss", "unix", "redis-cluster")
@@ -76,8 +77,6 @@ class EngineConfig:
             raise BadInputError(f"model_name must be non-empty and without '@', got {self.model_name!r}")
         if self.local_cpu_size < 4096:  # type: ignore[operator]
             raise BadInputError(f"local_cpu_size must be at least 4K, got {self.local_cpu_size}")
-        from infercache.kv.policies import POLICIES
-
         fix("cache_policy", str(self.cache_policy).lower())
         if self.cache_policy not in POLICIES:
             raise BadInputError(f"unknown cache_policy {self.cache_policy!r} (expected one of: {', '.join(POLICIES)})")

@@ -34,6 +34,9 @@ from infercache.kv.placement import compute_ttl, normalize_location, select_back
 from infercache.kv.tiers.base import (
     DTYPES, KIND_NUMPY, KIND_TORCH, ChunkHeader, Tier, as_storage, from_storage, payload_view,
 )  # fmt: skip
+from infercache.kv.tiers.disk import DiskTier
+from infercache.kv.tiers.hot import HotTier, default_pool_name
+from infercache.kv.tiers.remote import RemoteTier
 from infercache.kv.tokens import Chunk, TokenDatabase, mask_start, to_token_array
 
 log = logging.getLogger(__name__)
@@ -110,19 +113,13 @@ class Engine:
 
     def _build_tiers(self) -> None:
         cfg = self.config
-        from infercache.kv.tiers.hot import HotTier, default_pool_name
-
         write_back = cfg.write_policy == "write_back"
         pool_name = cfg.pool_name or default_pool_name(cfg.model_name, cfg.world_size, cfg.worker_id)
         self._tiers["hot"] = HotTier(pool_name, int(cfg.local_cpu_size), cfg.cache_policy, cfg.data_dir, write_back)
         if cfg.local_disk:
-            from infercache.kv.tiers.disk import DiskTier
-
             self._tiers["disk"] = DiskTier(cfg.local_disk, int(cfg.local_disk_size), cfg.cache_policy,
                                            cfg.disk_writers, cfg.disk_queue)  # fmt: skip
         if cfg.remote_url:
-            from infercache.kv.tiers.remote import RemoteTier
-
             self._tiers["remote"] = RemoteTier(cfg.remote_url, cfg.remote_size, cfg.cache_policy, cfg.remote_serde)
         if write_back:
             tiers = list(self._tiers.values())

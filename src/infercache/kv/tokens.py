@@ -12,6 +12,8 @@ name, world size, worker id, the chunk hash, KV dtype and tags:
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from infercache.errors import BadInputError
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
     import numpy as np
 
 HASH_VERSION = b"infercache-kv-chunk-v1"
+MEMO_SIZE = 16  # token sequences whose chunk keys are remembered
+MEMO_MIN_CHUNKS = 8
 KEY_HASH_BYTES = 16  # hex digits in a key: 32 (128 bits of the 256-bit chain hash)
 
 
@@ -102,6 +106,8 @@ class TokenDatabase:
             encoded = tag.encode()
             root.update(len(encoded).to_bytes(4, "little") + encoded)
         self.root_hash = root.digest()
+        self._memo: OrderedDict[bytes, list[Chunk]] = OrderedDict()
+        self._memo_lock = threading.Lock()
 
     def chunk_hashes(self, tokens: "np.ndarray", limit: int | None = None) -> list[bytes]:
         """The chain hash of every chunk (the partial last one too when save_unfull_chunk)."""
@@ -123,16 +129,33 @@ class TokenDatabase:
         return out
 
     def chunks(self, tokens: "np.ndarray", start: int = 0) -> list[Chunk]:
-        """Chunks covering tokens from chunk-aligned `start`; keys chain over the whole prefix."""
+        """Chunks covering tokens from chunk-aligned `start`; keys chain over the whole prefix.
+
+        Long sequences are remembered (a few, by a digest of their bytes): a prompt is usually
+        looked up, then retrieved, then stored, and the chain is computed once for the three.
+        """
         cs = self.chunk_size
         n = len(tokens)
-        pre, suf = self.key_prefix, self.key_suffix
         first = start // cs
-        digests = self.chunk_hashes(tokens)[first:]
-        return [
+        memo_key = None
+        if n >= MEMO_MIN_CHUNKS * cs:
+            memo_key = hashlib.sha256(tokens.view("u1")).digest()
+            with self._memo_lock:
+                hit = self._memo.get(memo_key)
+                if hit is not None:
+                    self._memo.move_to_end(memo_key)
+                    return hit[first:]
+        pre, suf = self.key_prefix, self.key_suffix
+        out = [
             Chunk(s, s + cs if s + cs <= n else n, pre + d[:KEY_HASH_BYTES].hex() + suf)
-            for s, d in zip(range(first * cs, n, cs), digests)
+            for s, d in zip(range(0, n, cs), self.chunk_hashes(tokens))
         ]
+        if memo_key is not None:
+            with self._memo_lock:
+                self._memo[memo_key] = out
+                if len(self._memo) > MEMO_SIZE:
+                    self._memo.popitem(last=False)
+        return out[first:]
 
     def keys(self, tokens: Any) -> list[str]:
         """Cache keys of a token sequence (any accepted token form)."""

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from infercache.errors import BadInputError, InfercacheError
+from infercache.kv.pool import Pool
 from infercache.kv.tiers.base import HEADER_BYTES, ChunkHeader, Sink, Tier, Tracker
 
 log = logging.getLogger(__name__)
@@ -20,8 +21,6 @@ log = logging.getLogger(__name__)
 def open_or_create_pool(name: str, size: int, policy: str, data_dir: str | None) -> tuple[Any, bool]:
     """(pool, created): attach to `name`, creating it first when missing (two racing creators:
     one creates, the other opens)."""
-    from infercache.kv.pool import Pool
-
     for attempt in range(50):
         try:
             return Pool.open(name, data_dir=data_dir), False
