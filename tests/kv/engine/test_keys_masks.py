@@ -113,3 +113,14 @@ def test_store_and_retrieve_with_masks(make_engine) -> None:
     with pytest.raises(ValueError, match="F...FT...T"):
         engine.retrieve(tokens, mask=[True] * 4 + [False] * 8)
     assert engine.store(tokens, kv, mask=[False] * 12) == 0
+
+
+def test_remembered_chunk_keys_match_fresh_ones() -> None:
+    db = TokenDatabase(4, "m")
+    tokens = to_token_array(list(range(50)))  # 12 chunks: long enough to be remembered
+    first = db.chunks(tokens)
+    again = db.chunks(tokens, start=8)
+    fresh = TokenDatabase(4, "m").chunks(tokens)
+    assert first == fresh and again == fresh[2:] and len(db._memo) == 1
+    other = to_token_array([7] + list(range(1, 50)))
+    assert db.chunks(other)[0].key != first[0].key and len(db._memo) == 2
