@@ -12,6 +12,7 @@ Errors carry the HTTP status they map to: 422 bad input, 404 unknown location / 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 1_000_000
 DEFAULT_PORT = 9000
+_MAX_TOKEN_ID = 2**31 - 1
 _MAX_EVENTS = 10_000  # finished move events kept for /check_finish; pending ones are never dropped
 
 
@@ -83,9 +85,11 @@ def _as_tokens(tokens: Any) -> list[int]:
         tokens = tokens.tolist()
     if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
         raise ControllerBadInput("tokens: expected a list of token ids")
+    if set(map(type, tokens)) <= {int} and (not tokens or (min(tokens) >= 0 and max(tokens) <= _MAX_TOKEN_ID)):
+        return list(tokens)  # the common case, checked at C speed (an 8k-token prompt in ~0.1 ms)
     out = []
     for i, t in enumerate(tokens):
-        if isinstance(t, bool) or not isinstance(t, int) or t < 0 or t > 2**31 - 1:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0 or t > _MAX_TOKEN_ID:
             raise ControllerBadInput(f"tokens[{i}]: expected a token id (an integer in 0..2^31-1), got {t!r}")
         out.append(t)
     return out
@@ -189,10 +193,11 @@ class LocalController:
         LOCATION is where most of the matched chunks are fastest served from (ties: the faster tier).
         """
         ids = self._tokens(tokens)
-        matched = int(self.engine.lookup(ids)) if ids else 0
+        # One walk over the chunks: chunk i covers tokens [i*chunk_size, min((i+1)*chunk_size, n)).
+        places = list(self.engine.locate(ids)) if ids else []
+        matched = min(len(places) * int(self.engine.config.chunk_size), len(ids))
         if matched <= 0:
             return {"found": False, "matched_tokens": 0, "layout_info": {}}
-        places = list(self.engine.locate(ids))
         counts = Counter(places)
         order = {loc: i for i, loc in enumerate(self.locations)}
         location = min(counts, key=lambda loc: (-counts[loc], order.get(loc, len(order)))) if counts else None
@@ -334,7 +339,9 @@ class ControllerClient:
         self.base_url = (base_url or f"http://{host}:{port}").rstrip("/")
         self.model = model
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        # TCP_NODELAY: a request written as headers + body must not wait for a delayed ACK.
+        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
         self._instance_id: str | None = None
 
     def __repr__(self) -> str:  # never show the token

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -170,9 +171,13 @@ def create_app(
     def tokenize(req: TokenizeRequest) -> dict[str, list[int]]:
         return {"tokens": controller.tokenize(req.prompt)}
 
+    inline = "remote" not in controller.locations  # hot/disk lookups are memory reads: no thread hop
+
     @app.post("/lookup", response_model=LookupResponse)
-    def lookup(req: TokensRequest) -> dict[str, Any]:
-        return controller.lookup(req.tokens)
+    async def lookup(req: TokensRequest) -> dict[str, Any]:
+        if inline:
+            return controller.lookup(req.tokens)
+        return await run_in_threadpool(controller.lookup, req.tokens)
 
     @app.post("/move", response_model=MoveResponse)
     def move(req: MoveRequest) -> dict[str, Any]:
@@ -262,6 +267,9 @@ def bind(host: str = "127.0.0.1", port: int = 9000) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit this; without it a keep-alive client waits out a 40 ms
+    # delayed ACK on every response uvicorn sends in two writes (headers, body).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.set_inheritable(True)
