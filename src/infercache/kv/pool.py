@@ -29,12 +29,13 @@ from infercache.kv import eviction, lifecycle, procs, snapshot
 from infercache.kv.codec import checksum, key_info, prefix_hash, value_view
 from infercache.kv.handle import PoolHandle
 from infercache.kv.layout import (
-    F_HAS_PREFIX, F_KEY_IN_DATA, HDR_BYTES_IN, HDR_CLOCK, HDR_ENTRIES, HDR_EXPIRED, HDR_FREE_TOP, HDR_PUTS,
-    HDR_VALUE_BYTES, KEY_INLINE, ST_PUBLISHED, ST_WRITING,
+    F_HAS_PREFIX, HDR_BYTES_IN, HDR_CLOCK, HDR_ENTRIES, HDR_EXPIRED, HDR_FREE_TOP, HDR_PUTS, HDR_VALUE_BYTES,
+    ST_PUBLISHED, ST_WRITING,
 )  # fmt: skip
 from infercache.kv.procs import attached_pids
 from infercache.kv.repair import CheckReport, check_and_repair
 from infercache.kv.results import EntryInfo, EvictionPlan, EvictionResult, PoolError, PoolStats
+from infercache.kv.table import footprint
 from infercache.units import format_size, parse_duration
 
 if TYPE_CHECKING:
@@ -162,15 +163,12 @@ class Pool(PoolHandle):
         kb, flags, h = key_info(key)
         src = value_view(value)
         size = src.nbytes
-        bs = self.block_size
-        extra = len(kb) if len(kb) > KEY_INLINE else 0
-        if extra:
-            flags |= F_KEY_IN_DATA
-        nblocks = -(-(size + extra) // bs)
+        nblocks, key_flag = footprint(size, len(kb), self.block_size)
+        flags |= key_flag
         if nblocks > self.n_blocks:
             raise BadInputError(
                 f"value of {size} bytes ({format_size(size)}) is larger than pool {self.name!r} "
-                f"({self.n_blocks * bs} bytes)"
+                f"({self.n_blocks * self.block_size} bytes)"
             )
         expiry = 0.0
         if ttl is not None:

@@ -29,11 +29,11 @@ from infercache.errors import BadInputError
 from infercache.kv.codec import checksum, key_hash
 from infercache.kv.layout import (
     F_KEY_IN_DATA, HDR_BYTES_IN, HDR_BYTES_OUT, HDR_CLOCK, HDR_CREATED, HDR_ENTRIES, HDR_EVICTIONS, HDR_HITS,
-    HDR_MISSES, HDR_POLICY, HDR_PUTS, HDR_TIER, HDR_VALUE_BYTES, KEY_INLINE, KEY_MAX, NAME_MAX, ST_PUBLISHED,
+    HDR_MISSES, HDR_POLICY, HDR_PUTS, HDR_TIER, HDR_VALUE_BYTES, KEY_MAX, NAME_MAX, ST_PUBLISHED,
     Geometry, compute_geometry,
 )  # fmt: skip
 from infercache.kv.policies import BY_ID
-from infercache.kv.table import LOW32
+from infercache.kv.table import LOW32, footprint
 
 if TYPE_CHECKING:
     from infercache.kv.state import PoolState
@@ -269,11 +269,8 @@ def load(st: "PoolState", handle: BinaryIO, header: SnapshotHeader, records: lis
     offset = handle.tell()
     for rec in records:
         klen = len(rec.key)
-        flags = rec.flags & LOW32 & ~F_KEY_IN_DATA
-        extra = klen if klen > KEY_INLINE else 0
-        if extra:
-            flags |= F_KEY_IN_DATA
-        nblocks = -(-(rec.size + extra) // st.block_size)
+        nblocks, key_flag = footprint(rec.size, klen, st.block_size)
+        flags = rec.flags & LOW32 & ~F_KEY_IN_DATA | key_flag
         e, start = st.pop_slot(), (st.alloc.alloc(nblocks) if nblocks else 0)
         if e < 0 or start < 0:
             raise BadInputError("snapshot entries do not fit its own pool geometry (corrupt file)")

@@ -18,7 +18,7 @@ from infercache.kv.codec import decode_key
 from infercache.kv.results import EntryInfo
 from infercache.kv.layout import (
     E_ATICK, E_ATIME, E_CHECK, E_COUNT, E_CREATED, E_EXPIRY, E_FLAGS, E_HASH, E_ITICK, E_NBLOCKS, E_PINS, E_PREFIX,
-    E_PRIORITY, E_SIZE, E_START, ENTRY_BYTES, ENTRY_WORDS, F_HAS_PREFIX, F_KEY_IN_DATA, KEY_OFFSET, ST_FREE, entry_dtype,
+    E_PRIORITY, E_SIZE, E_START, ENTRY_BYTES, ENTRY_WORDS, F_HAS_PREFIX, F_KEY_IN_DATA, KEY_INLINE, KEY_OFFSET, ST_FREE, entry_dtype,
 )  # fmt: skip
 
 if TYPE_CHECKING:
@@ -32,6 +32,13 @@ LOW32 = 0xFFFFFFFF
 _RECORD = struct.Struct("<QQQQQdddQqQQQQQ")
 assert (E_HASH, E_START, E_NBLOCKS, E_SIZE, E_CHECK, E_CREATED, E_ATIME, E_EXPIRY, E_COUNT, E_PRIORITY, E_PINS,
         E_FLAGS, E_PREFIX, E_ITICK, E_ATICK) == tuple(range(1, 16))  # fmt: skip
+
+
+def footprint(size: int, key_len: int, block_size: int) -> tuple[int, int]:
+    """(blocks, F_KEY_IN_DATA or 0) for a value of `size` bytes under a key of `key_len` bytes:
+    keys over KEY_INLINE bytes do not fit the record and live at the start of the value's blocks."""
+    extra = key_len if key_len > KEY_INLINE else 0
+    return -(-(size + extra) // block_size), F_KEY_IN_DATA if extra else 0
 
 
 def next_state(word: int, state: int) -> int:
@@ -218,9 +225,7 @@ class EntryTable:
 
     def blocks_needed(self, e: int) -> int:
         """Blocks entry `e` must own for its value (and its key, when stored with the data)."""
-        flags = self.q[e * ENTRY_WORDS + E_FLAGS]
-        extra = self.key_len(e) if flags & F_KEY_IN_DATA else 0
-        return -(-(self.size(e) + extra) // self._bs)
+        return footprint(self.size(e), self.key_len(e), self._bs)[0]
 
     # ------------------------------------------------------------ vectorised scans
     def rows(self, count: int) -> "np.ndarray":
