@@ -222,7 +222,8 @@ def test_destroy_refuses_foreign_file(data_dir: Path, tmp_path: Path) -> None:
 
     foreign = tmp_path / "precious.bin"
     foreign.write_bytes(b"not a pool" * 10)
-    registry.add(data_dir, "fake", {"path": str(foreign), "tier": "disk"})
+    with registry.locked(data_dir) as reg_file:  # a registry entry pointing at someone else's file
+        registry.save(reg_file, {**registry.load(data_dir), "fake": {"path": str(foreign), "tier": "disk"}})
     with pytest.raises(InfercacheError, match="not an infercache pool"):
         Pool.destroy("fake")
     assert foreign.read_bytes() == b"not a pool" * 10

@@ -85,19 +85,5 @@ def save(path: Path, pools: dict[str, dict[str, Any]]) -> None:
     atomic_write_json(path, {"schema": 1, "pools": pools}, mode=0o600)
 
 
-def add(data_dir: str | os.PathLike[str] | None, name: str, record: dict[str, Any]) -> None:
-    with locked(data_dir) as path:
-        pools = load(data_dir)
-        pools[name] = record
-        save(path, pools)
-
-
-def remove(data_dir: str | os.PathLike[str] | None, name: str) -> None:
-    with locked(data_dir) as path:
-        pools = load(data_dir)
-        if pools.pop(name, None) is not None:
-            save(path, pools)
-
-
 def lookup(data_dir: str | os.PathLike[str] | None, name: str) -> dict[str, Any] | None:
     return load(data_dir).get(name)
