@@ -256,13 +256,13 @@ class Engine:
                 for i, tier in enumerate(writes):
                     tier_ttl = ttl if i == 0 else None
                     if not tier_ttl and tier.contains(chunk.key):  # a TTL store rewrites: the TTL is refreshed
-                        placed = placed or i == 0
+                        placed = True
                         continue
                     if tier.put(chunk.key, head, payload, tier_ttl):
-                        placed = placed or i == 0
+                        placed = True
                         if tier_ttl and tier.name != "remote":
                             self._schedule(chunk.key, tier.name, time.time() + tier_ttl, tier_ttl)
-                if not placed:  # the target refused (remote down, too big): keep it in the nearest tier above
+                if not placed:  # every tier refused (remote down, too big): keep it in the nearest tier above
                     for tier in reversed(order[:target]):
                         if tier.contains(chunk.key) or tier.put(chunk.key, head, payload, ttl):
                             if ttl:
