@@ -160,9 +160,10 @@ class VerifyingReader(io.RawIOBase):
     end (and may not trust what it read before EOF: it stages it, then commits).
     """
 
-    def __init__(self, stream: BinaryIO, descriptor: Descriptor, what: str = "blob") -> None:
+    def __init__(self, stream: BinaryIO, descriptor: Descriptor, what: str = "blob", *, owns_stream: bool = True) -> None:
         super().__init__()
         self._stream = stream
+        self._owns_stream = owns_stream  # False: closing (or collecting) the reader leaves `stream` open
         self._desc = descriptor
         self._what = what
         self._hash = hashlib.sha256()
@@ -221,7 +222,8 @@ class VerifyingReader(io.RawIOBase):
 
     def close(self) -> None:
         try:
-            self._stream.close()
+            if self._owns_stream:
+                self._stream.close()
         finally:
             super().close()
 

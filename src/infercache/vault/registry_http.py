@@ -6,7 +6,6 @@ Nothing here knows the Distribution API's URLs or auth flow (that is `registry_c
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -194,23 +193,15 @@ class verified_seekable:  # noqa: N801 - used as a context manager function
         if start is None:
             self._spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY, prefix="infercache-blob-")
             target = self._spool
-        hasher = hashlib.sha256()
-        left = desc.size
-        while left > 0:
-            chunk = stream.read(min(READ_BLOCK, left))
-            if not chunk:
-                break
-            hasher.update(chunk)
-            left -= len(chunk)
-            if target is not None:
-                target.write(chunk)
-        if left:
+        reader = VerifyingReader(stream, desc, owns_stream=False)  # the one size-and-digest check
+        try:
+            while chunk := reader.read(READ_BLOCK):
+                if target is not None:
+                    target.write(chunk)
+            reader.verify_to_end()
+        except BaseException:
             self._close()
-            raise InfercacheError(f"blob {desc.digest} is truncated: {desc.size - left} of {desc.size} bytes")
-        digest = "sha256:" + hasher.hexdigest()
-        if digest != desc.digest:
-            self._close()
-            raise InfercacheError(f"blob digest mismatch: expected {desc.digest}, content hashes to {digest}")
+            raise
         if target is not None:
             target.seek(0)
             return target, 0
