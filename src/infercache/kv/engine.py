@@ -42,6 +42,7 @@ from infercache.kv.tokens import Chunk, TokenDatabase, mask_start, to_token_arra
 log = logging.getLogger(__name__)
 _ACCESS_CAP = 65536
 _SWEEP_MAX_WAIT = 5.0
+_REMOTE_BATCH = 16  # chunks per pipelined Redis round trip
 
 
 @dataclass(frozen=True)
@@ -248,29 +249,51 @@ class Engine:
             self._geometry = (code, kind, storage.shape[1], storage.shape[3])
             order = self._order
             writes = order[target:] if self.config.write_policy == "write_through" else order[target : target + 1]
-            stored = 0
+            remote = self._tiers.get("remote")
+            if remote in writes and not (ttl and writes[0] is remote):  # one round trip: what Redis has
+                in_remote = dict(zip([c.key for c in chunks], remote.contains_many([c.key for c in chunks])))
+            else:
+                in_remote = {}
+            placed: dict[str, bool] = {}
+            batch: list[tuple[Chunk, ChunkHeader, Any, float | None]] = []
             for chunk in reversed(chunks):  # suffixes first: prefixes end up most recent
                 payload = storage[:, :, chunk.start : chunk.end, :]
                 head = ChunkHeader(code, kind, payload.shape, payload.nbytes)
-                placed = False
+                placed[chunk.key] = False
                 for i, tier in enumerate(writes):
                     tier_ttl = ttl if i == 0 else None
-                    if not tier_ttl and tier.contains(chunk.key):  # a TTL store rewrites: the TTL is refreshed
-                        placed = True
-                        continue
-                    if tier.put(chunk.key, head, payload, tier_ttl):
-                        placed = True
-                        if tier_ttl and tier.name != "remote":
+                    present = in_remote.get(chunk.key, False) if tier is remote else tier.contains(chunk.key)
+                    if not tier_ttl and present:  # a TTL store rewrites: the TTL is refreshed
+                        placed[chunk.key] = True
+                    elif tier is remote:  # Redis writes go in pipelined batches
+                        batch.append((chunk, head, payload, tier_ttl))
+                        if len(batch) >= _REMOTE_BATCH:
+                            self._flush_remote(batch, placed)
+                    elif tier.put(chunk.key, head, payload, tier_ttl):
+                        placed[chunk.key] = True
+                        if tier_ttl:
                             self._schedule(chunk.key, tier.name, time.time() + tier_ttl, tier_ttl)
-                if not placed:  # every tier refused (remote down, too big): keep it in the nearest tier above
+            self._flush_remote(batch, placed)
+            stored = 0
+            for chunk in chunks:
+                if not placed[chunk.key]:  # every tier refused (remote down, too big): the nearest tier above
+                    payload = storage[:, :, chunk.start : chunk.end, :]
+                    head = ChunkHeader(code, kind, payload.shape, payload.nbytes)
                     for tier in reversed(order[:target]):
                         if tier.contains(chunk.key) or tier.put(chunk.key, head, payload, ttl):
                             if ttl:
                                 self._schedule(chunk.key, tier.name, time.time() + ttl, ttl)
-                            placed = True
+                            placed[chunk.key] = True
                             break
-                stored += (chunk.end - chunk.start) if placed else 0
+                stored += (chunk.end - chunk.start) if placed[chunk.key] else 0
             return stored
+
+    def _flush_remote(self, batch: list[tuple[Chunk, ChunkHeader, Any, float | None]], placed: dict[str, bool]) -> None:
+        if batch:
+            results = self._tiers["remote"].put_many([(c.key, head, payload, ttl) for c, head, payload, ttl in batch])
+            for (chunk, *_), ok in zip(batch, results):
+                placed[chunk.key] = placed[chunk.key] or ok
+            batch.clear()
 
     def lookup(self, tokens: Any) -> int:
         """Length of the cached token prefix (any tier), stopping at the first missing chunk."""
@@ -305,16 +328,28 @@ class Engine:
             state: dict[str, Any] = {"out": None}
             valid = len(where)
             served: list[tuple[int, Tier]] = []
+            remote = self._tiers.get("remote")
+            from_remote = [i for i in range(len(where)) if where[i] is remote]
+            for b in range(0, len(from_remote), _REMOTE_BATCH):  # pipelined batches
+                part = from_remote[b : b + _REMOTE_BATCH]
+                sinks = [(chunks[i].key, self._sink(state, chunks[i], start, chunks, len(where))) for i in part]
+                for i, (ok, _) in zip(part, remote.read_many(sinks)):  # type: ignore[union-attr]
+                    if ok:
+                        served.append((i, remote))  # type: ignore[arg-type]
+                    else:
+                        valid = min(valid, i)
             for i in reversed(range(len(where))):  # suffixes first: prefixes end up most recent
                 chunk = chunks[i]
+                if where[i] is remote:
+                    continue
                 tiers = self._order[self._order.index(where[i]) :]
                 for tier in tiers:
-                    ok, _ = tier.read(chunk.key, lambda head, buf, c=chunk: self._fill(state, head, buf, c, start, chunks, len(where)))
+                    ok, _ = tier.read(chunk.key, self._sink(state, chunk, start, chunks, len(where)))
                     if ok:
                         served.append((i, tier))
                         break
                 else:
-                    valid = i  # lost meanwhile (evicted, bad checksum, Redis gone): the prefix ends here
+                    valid = min(valid, i)  # lost meanwhile (evicted, bad checksum, Redis gone): the prefix ends here
             served = [(i, t) for i, t in served if i < valid]
             for i, tier in served:
                 tier.counters.hits += 1
@@ -348,6 +383,9 @@ class Engine:
 
             return torch.from_numpy(result_mask), kv
         return result_mask, kv
+
+    def _sink(self, state: dict[str, Any], chunk: Chunk, start: int, chunks: list[Chunk], count: int) -> Any:
+        return lambda head, buf: self._fill(state, head, buf, chunk, start, chunks, count)
 
     def _fill(self, state: dict[str, Any], head: ChunkHeader, buf: Any, chunk: Chunk, start: int,
               chunks: list[Chunk], count: int) -> None:  # fmt: skip

@@ -176,6 +176,14 @@ class Tier(ABC):
 
         `expired_ok`: the engine reads a chunk whose TTL ran out to move it one tier down."""
 
+    def put_many(self, items: list[tuple[str, ChunkHeader, Any, float | None]]) -> list[bool]:
+        """Several puts (tiers with round trips batch them)."""
+        return [self.put(key, head, payload, ttl) for key, head, payload, ttl in items]
+
+    def read_many(self, items: list[tuple[str, Sink]]) -> list[tuple[bool, Any]]:
+        """Several reads (tiers with round trips batch them)."""
+        return [self.read(key, sink) for key, sink in items]
+
     @abstractmethod
     def delete(self, key: str) -> bool: ...
 

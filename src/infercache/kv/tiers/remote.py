@@ -131,14 +131,47 @@ class RemoteTier(Tier):
         return self._guard("exists", run, [False] * len(keys))
 
     def put(self, key: str, head: ChunkHeader, payload: Any, ttl: float | None = None) -> bool:
-        with self._lock:
-            return self._put(key, head, payload, ttl)
+        return self.put_many([(key, head, payload, ttl)])[0]
 
-    def _contiguous(self, payload: Any) -> Any:
-        """The payload's bytes, contiguous: strided arrays go through a reused staging buffer."""
+    def put_many(self, items: list[tuple[str, ChunkHeader, Any, float | None]]) -> list[bool]:
+        """Store chunks in one pipelined round trip (value + header per chunk, `SET EX` for TTLs)."""
+        if not items:
+            return []
+        with self._lock:
+            encoded = [self._encode(key, head, payload, ttl, reuse=len(items) == 1) for key, head, payload, ttl in items]
+            fits = [e is not None for e in encoded]
+            self._make_room(sum(e[2] for e in encoded if e is not None), {k for k, *_ in items})
+
+            def run() -> bool:
+                pipe = self.client.pipeline(transaction=False)
+                for (key, *_), e in zip(items, encoded):
+                    if e is not None:
+                        data, meta, _, _, ex = e
+                        d, m = self._names(key)
+                        pipe.set(d, data, ex=ex)
+                        pipe.set(m, meta, ex=ex)
+                pipe.execute()
+                return True
+
+            if not any(fits) or not self._guard("put", run, False):
+                return [False] * len(items)
+            for (key, *_), e in zip(items, encoded):
+                if e is not None:
+                    self.book.add(key, e[2], e[3])
+                    self.counters.stores += 1
+            if self.book.tick % 1024 < len(items):  # Redis dropped expired keys itself: forget them here
+                now = time.time()
+                for gone in [k for k, e in self.book.entries.items() if e.expires and e.expires <= now]:
+                    self.book.remove(gone)
+            return fits
+
+    def _contiguous(self, payload: Any, reuse: bool) -> Any:
+        """The payload's bytes, contiguous: strided arrays are copied (into a reused buffer for one)."""
         import numpy as np
 
         if isinstance(payload, np.ndarray) and not payload.flags.c_contiguous:
+            if not reuse:
+                return memoryview(np.ascontiguousarray(payload)).cast("B")
             if self._staging is None or self._staging.nbytes < payload.nbytes:
                 self._staging = np.empty(payload.nbytes, dtype=np.uint8)
             body = self._staging[: payload.nbytes]
@@ -146,10 +179,10 @@ class RemoteTier(Tier):
             return memoryview(body)
         return memoryview(payload).cast("B")
 
-    def _put(self, key: str, head: ChunkHeader, payload: Any, ttl: float | None) -> bool:
-        data = self._contiguous(payload)
-        if head.crc is None:
-            head = ChunkHeader(head.dtype, head.kind, head.shape, head.nbytes, head.expires, zlib.crc32(data), head.flags)
+    def _encode(self, key: str, head: ChunkHeader, payload: Any, ttl: float | None, reuse: bool) -> Any:
+        """(value, header record, accounted size, expiry, EX seconds), or None when it can never fit."""
+        data = self._contiguous(payload, reuse)
+        crc = head.crc if head.crc is not None else zlib.crc32(data)
         flags = head.flags & ~F_ZSTD
         if self.serde == "zstd":
             import zstandard
@@ -157,62 +190,59 @@ class RemoteTier(Tier):
             data = zstandard.ZstdCompressor(level=1).compress(data)
             flags |= F_ZSTD
         expires = time.time() + ttl if ttl else 0.0
-        head = ChunkHeader(head.dtype, head.kind, head.shape, head.nbytes, expires, head.crc, flags, len(data))
+        record = ChunkHeader(head.dtype, head.kind, head.shape, head.nbytes, expires, crc, flags, len(data))
         kb = key.encode()
         size = len(data) + 64
         if self.capacity is not None and size > self.capacity:
-            return False
-        self._make_room(size, key)
-        ex = max(1, math.ceil(ttl)) if ttl else None
-
-        def run() -> bool:
-            d, m = self._names(key)
-            pipe = self.client.pipeline(transaction=False)
-            pipe.set(d, data, ex=ex)
-            pipe.set(m, head.pack(kb) + kb, ex=ex)
-            pipe.execute()
-            return True
-
-        ok = self._guard("put", run, False)
-        if ok:
-            with self._lock:
-                self.book.add(key, size, expires)
-                if self.book.tick % 1024 == 0:  # Redis dropped expired keys itself: forget them here
-                    now = time.time()
-                    for gone in [k for k, e in self.book.entries.items() if e.expires and e.expires <= now]:
-                        self.book.remove(gone)
-            self.counters.stores += 1
-        return ok
+            return None
+        return data, record.pack(kb) + kb, size, expires, (max(1, math.ceil(ttl)) if ttl else None)
 
     def read(self, key: str, sink: Sink, expired_ok: bool = False) -> tuple[bool, Any]:
-        def run() -> tuple[Any, Any]:
-            d, m = self._names(key)
+        return self.read_many([(key, sink)])[0]
+
+    def read_many(self, items: list[tuple[str, Sink]]) -> list[tuple[bool, Any]]:
+        """Fetch chunks in one pipelined round trip; each checked (key, length, crc32) and handed to its sink."""
+        if not items:
+            return []
+
+        def run() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
-            pipe.get(m)
-            pipe.get(d)
-            return tuple(pipe.execute())
+            for key, _ in items:
+                d, m = self._names(key)
+                pipe.get(m)
+                pipe.get(d)
+            return pipe.execute()
 
-        meta, data = self._guard("get", run, (None, None))
-        if meta is None or data is None:
-            return False, None
-        try:
-            head, key_len = ChunkHeader.unpack(meta)
-            if meta[64 : 64 + key_len] != key.encode() or len(data) != head.stored_len:
-                raise ValueError("record does not match its key")
-            if head.flags & F_ZSTD:
-                import zstandard
+        raw = self._guard("get", run, None)
+        if raw is None:
+            return [(False, None)] * len(items)
+        out: list[tuple[bool, Any]] = []
+        for n, (key, sink) in enumerate(items):
+            meta, data = raw[2 * n], raw[2 * n + 1]
+            raw[2 * n] = raw[2 * n + 1] = None  # let each value go once used
+            if meta is None or data is None:
+                out.append((False, None))
+                continue
+            try:
+                head, key_len = ChunkHeader.unpack(meta)
+                if meta[64 : 64 + key_len] != key.encode() or len(data) != head.stored_len:
+                    raise ValueError("record does not match its key")
+                if head.flags & F_ZSTD:
+                    import zstandard
 
-                data = zstandard.ZstdDecompressor().decompress(data, max_output_size=head.nbytes)
-            if len(data) != head.nbytes or (head.crc is not None and zlib.crc32(data) != head.crc):
-                raise ValueError("checksum mismatch")
-        except Exception as exc:  # noqa: BLE001 - a bad record is a miss, removed and counted
-            self.counters.errors += 1
-            log.warning("remote tier: dropping bad chunk record (%s)", exc)
-            self.delete(key)
-            return False, None
-        with self._lock:
-            self.book.touch(key)
-        return True, sink(head, data)
+                    data = zstandard.ZstdDecompressor().decompress(data, max_output_size=head.nbytes)
+                if len(data) != head.nbytes or (head.crc is not None and zlib.crc32(data) != head.crc):
+                    raise ValueError("checksum mismatch")
+            except Exception as exc:  # noqa: BLE001 - a bad record is a miss, removed and counted
+                self.counters.errors += 1
+                log.warning("remote tier: dropping bad chunk record (%s)", exc)
+                self.delete(key)
+                out.append((False, None))
+                continue
+            with self._lock:
+                self.book.touch(key)
+            out.append((True, sink(head, data)))
+        return out
 
     def delete(self, key: str) -> bool:
         with self._lock:
@@ -273,7 +303,7 @@ class RemoteTier(Tier):
         except Exception:  # noqa: BLE001
             pass
 
-    def _make_room(self, size: int, incoming: str) -> None:
+    def _make_room(self, size: int, incoming: set[str]) -> None:
         if self.capacity is None:
             return
         with self._lock:
@@ -284,7 +314,7 @@ class RemoteTier(Tier):
             for key in self.book.victims():
                 if total + size <= self.capacity:
                     break
-                if key != incoming:
+                if key not in incoming:
                     victims.append(key)
                     total -= self.book.entries[key].size
         self.delete_many(victims)
