@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from infercache.errors import BadInputError
+from infercache.kv.integrations.transformers import ManagedGenerator
 from infercache.kv.placement import compute_ttl, normalize_location, select_backend
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,6 @@ class MultiTierCache:
     def set_llm(self, llm: Any) -> None:
         """Attach the model (see the class doc for what `llm` may be)."""
         if isinstance(llm, tuple) and len(llm) == 2:
-            from infercache.kv.integrations.transformers import ManagedGenerator
-
             llm = ManagedGenerator(llm[0], llm[1], getattr(self.controller, "engine", None))
         if not hasattr(llm, "generate"):
             raise BadInputError(f"llm must have a generate() method, got {type(llm).__name__}")
@@ -122,8 +121,6 @@ class MultiTierCache:
         return text
 
     def _generate(self, prompt: str, sampling_params: Any, meta: dict[str, Any]) -> tuple[str, list[int] | None, int | None, float | None]:
-        from infercache.kv.integrations.transformers import ManagedGenerator
-
         if isinstance(self.llm, ManagedGenerator):
             r = self.llm.generate(prompt, metadata=meta or None, **_generate_kwargs(sampling_params))
             return r.text, r.prompt_ids, r.tokens_reused, r.ttft_s

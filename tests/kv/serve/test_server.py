@@ -246,3 +246,26 @@ def test_openapi_schema_lists_every_route(raw):
         schema["paths"]
     )
     assert json.dumps(schema)  # plain JSON
+
+
+def test_cli_refuses_bad_settings_before_serving(tmp_path, data_dir):
+    import socket
+
+    from tests.helpers import run_cli
+
+    def said(result):  # stderr as one line (Rich wraps long messages)
+        return " ".join(result.stderr.split())
+
+    missing = run_cli("kv", "serve", "--port", "0", "--config", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "does not exist" in said(missing)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("chunk_size: 0\n")
+    assert run_cli("kv", "serve", "--port", "0", "--config", str(bad)).returncode == 2
+    tok = run_cli("kv", "serve", "--port", "0", "--tokenizer", str(tmp_path / "no-tokenizer"))
+    assert tok.returncode == 2 and "tokenizer not found" in said(tok)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        taken = run_cli("kv", "serve", "--port", str(port))
+    assert taken.returncode == 1 and "cannot listen" in said(taken)
