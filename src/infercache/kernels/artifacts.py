@@ -123,16 +123,32 @@ def check_binary_artifact(data: bytes) -> str | None:
 
 
 def check_pickle(data: bytes) -> str | None:
-    """Why a pickled Inductor entry is damaged (empty, not a pickle, no STOP opcode), or None.
+    """Why a pickled Inductor entry is damaged (empty, not a pickle, cut short), or None.
 
-    Walks the opcodes with `pickletools` (which never executes them).
+    Never executes it: protocol 4+ pickles are a chain of length-prefixed frames ending in
+    STOP, so following the frame headers finds a truncation in a few steps; anything else is
+    walked opcode by opcode with `pickletools` (which only parses).
     """
-    import pickletools
-
     if not data:
         return "empty file"
-    if data[:1] != b"\x80":
+    if data[:1] != b"\x80" or len(data) < 3:
         return "not a pickle"
+    if data[1] >= 4:
+        pos, size = 2, len(data)
+        while pos < size and data[pos] == 0x95:  # FRAME <8-byte little-endian length>
+            if pos + 9 > size:
+                return "truncated pickle (ends inside a frame header)"
+            pos += 9 + int.from_bytes(data[pos + 1 : pos + 9], "little")
+        if pos > size:
+            return "truncated pickle (ends inside a frame)"
+        if pos == size:
+            return None if data[-1:] == b"." else "truncated pickle (ends before its STOP opcode)"
+    return _walk_pickle(data)
+
+
+def _walk_pickle(data: bytes) -> str | None:
+    import pickletools
+
     try:
         for _op, _arg, _pos in pickletools.genops(data):
             pass

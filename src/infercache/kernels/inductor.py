@@ -62,7 +62,10 @@ class ArtifactScan:
     rows: tuple[ArtifactRow, ...]
     noise: tuple[NoiseFile, ...]
     problems: tuple[Problem, ...]
-    reused: int  # rows taken over unchanged from the catalog
+    reused: int  # rows whose content was not read again (files unchanged)
+    changed: tuple[ArtifactRow, ...] = ()  # rows that differ from the catalog's (all of them on a first scan)
+    gone: tuple[str, ...] = ()  # catalog paths no longer on disk
+    full: bool = True  # no catalog rows were given: replace the root's rows wholesale
 
     def by_kind(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -354,12 +357,17 @@ def scan_root(root: str | os.PathLike[str], mode: str, known: Mapping[str, Artif
 
     `known`: the catalog's rows of this root by path; unchanged ones are reused without reading.
     """
-    scanner = _Scanner(Path(root), mode, known or {})
+    known = known or {}
+    scanner = _Scanner(Path(root), mode, known)
     if mode == "inductor":
         scanner.inductor(scanner.root, _NO_VLLM)
     elif mode == "vllm":
         scanner.vllm()
-    return ArtifactScan(tuple(scanner.rows), tuple(scanner.noise), tuple(scanner.problems), scanner.reused)
+    rows = tuple(scanner.rows)
+    live = {r.path for r in rows}
+    return ArtifactScan(rows, tuple(scanner.noise), tuple(scanner.problems), scanner.reused,
+                        changed=tuple(r for r in rows if known.get(r.path) != r),
+                        gone=tuple(p for p in known if p not in live), full=not known)
 
 
 def known_rows(conn: object, root: str) -> dict[str, ArtifactRow]:
@@ -374,11 +382,14 @@ def write_scan(conn: object, root: str, scan: ArtifactScan, now: float) -> None:
     """Replace `root`'s artifact and lock/temp rows with `scan` (inside the caller's transaction)."""
     execute = conn.execute  # type: ignore[attr-defined]
     executemany = conn.executemany  # type: ignore[attr-defined]
-    execute("DELETE FROM artifacts WHERE cache_root = ?", (root,))
+    if scan.full:
+        execute("DELETE FROM artifacts WHERE cache_root = ?", (root,))
+    elif scan.gone:
+        executemany("DELETE FROM artifacts WHERE path = ?", [(p,) for p in scan.gone])
     marks = ",".join("?" * 15)
-    if scan.rows:
+    if scan.changed:
         executemany(f"INSERT OR REPLACE INTO artifacts({A.ARTIFACT_COLUMNS}) VALUES ({marks})",
-                    [r.db_tuple(now) for r in scan.rows])
+                    [r.db_tuple(now) for r in scan.changed])
     execute("DELETE FROM skipped WHERE cache_root = ? AND owner = 'artifacts'", (root,))
     executemany(
         "INSERT OR REPLACE INTO skipped(path, parent, cache_root, kind, reason, size, modified, signature, owner) "
