@@ -414,7 +414,8 @@ def _print_stats(stats: Any) -> None:
     ):
         summary.add_row(label, value)
     if stats.artifacts.entries:
-        summary.add_row("vLLM artifacts", f"{stats.artifacts.entries} ({format_size(stats.artifacts.total_size)})")
+        kinds = ", ".join(f"{g.entries} {k}" for k, g in stats.artifacts_by_kind.items())
+        summary.add_row("Artifacts", f"{stats.artifacts.entries} ({format_size(stats.artifacts.total_size)}): {kinds}")
     if stats.skipped:
         summary.add_row("Not kernels", ", ".join(f"{g.entries} {k}" for k, g in stats.skipped.items()))
     if stats.installed_triton_version:

@@ -11,7 +11,7 @@ full metadata JSON and the directory signature used by incremental indexing),
 `files` (type, name, size of each file of an entry), `usage` (runtime hits /
 misses / last access / compile time keyed by the entry key, so re-indexing never loses
 them and kernels not indexed yet keep theirs),
-`artifacts` (opaque vLLM binaries), `skipped` (what the last scan found that is
+`artifacts` (compile-cache artifacts: Inductor, vLLM; see kernels/artifacts.py), `skipped` (what the last scan found that is
 not a kernel, for `prune --garbage` and the index summary) and `roots` (the
 cache dirs indexed: prune never deletes outside them).
 """
