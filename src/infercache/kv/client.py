@@ -126,6 +126,7 @@ class LocalController:
         self._events: "OrderedDict[str, Future[int]]" = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False
+        self._pending = 0
         self.move_outcomes: Counter[str] = Counter()
 
     # -- facts -------------------------------------------------------------------------------
@@ -138,8 +139,11 @@ class LocalController:
         return tuple(self.engine.locations)
 
     def pending_moves(self) -> int:
+        return self._pending
+
+    def _move_done(self, future: "Future[int]") -> None:
         with self._lock:
-            return sum(1 for f in self._events.values() if not f.done())
+            self._pending -= 1
 
     # -- checks ------------------------------------------------------------------------------
     def _tokens(self, tokens: Any) -> list[int]:
@@ -222,8 +226,10 @@ class LocalController:
             if self._closed:
                 raise UnavailableError("the controller is shutting down; no new moves")
             future = self._moves.submit(self._run_move, ids, src, dst, copy)
+            self._pending += 1
             self._events[event_id] = future
             self._trim_events()
+        future.add_done_callback(self._move_done)
         return {"event_id": event_id, "num_tokens": num_tokens}
 
     def _run_move(self, ids: list[int], src: str, dst: str, copy: bool) -> int:

@@ -104,6 +104,7 @@ def test_local_controller_has_the_server_semantics(engine):
     assert ctl.lookup(tokens) == {"found": True, "matched_tokens": 48, "layout_info": {engine.instance_id: ["hot", 48]}}
     event = ctl.move("hot", "disk", tokens)  # bare locations mean this instance
     assert ctl.wait(event["event_id"]) == {"status": "finished", "num_tokens": 48}
+    assert ctl.pending_moves() == 0 and ctl.health()["pending_moves"] == 0
     assert ctl.lookup(tokens)["layout_info"][engine.instance_id] == ["disk", 48]
     with pytest.raises(NotFoundError):
         ctl.move("hot", "remote", tokens)
