@@ -123,3 +123,13 @@ def test_token_id_prompts_and_empty_prompts(engine, tokenizer):
     assert gen.generate(ids + [1], max_new_tokens=1).tokens_reused == 32
     with pytest.raises(ValueError, match="empty"):
         gen.generate("")
+
+
+def test_beam_search_runs_without_reuse(engine, tokenizer):
+    model = random_llama()
+    gen, plain = ManagedGenerator(model, tokenizer, engine), ManagedGenerator(model, tokenizer, None)
+    prompt = "beams expand the batch, so no reuse here " * 2
+    gen.generate(prompt, max_new_tokens=1)  # cached now
+    beams = gen.generate(prompt, max_new_tokens=4, num_beams=2, do_sample=False)
+    assert beams.tokens_reused == 0 and beams.tokens_stored == 0
+    assert beams.token_ids == plain.generate(prompt, max_new_tokens=4, num_beams=2, do_sample=False).token_ids

@@ -201,10 +201,17 @@ class ManagedGenerator:
         ids = self.encode(prompt)
         metadata = self._with_access(ids, metadata)
         device = _model_device(self.model)
+        # Beam search and several sequences per prompt expand the batch (and refuse streamers):
+        # they run without reuse, and their batch-wide cache is not stored.
+        single = all(int(generate_kwargs.get(k) or 1) == 1 for k in ("num_beams", "num_return_sequences"))
         started = time.perf_counter()
-        reused, cache, error = self._load_prefix(ids, device)
+        reused, cache, error = self._load_prefix(ids, device) if single else (0, None, None)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         clock = _FirstTokenClock(generate_kwargs.pop("streamer", None))
+        if single:
+            generate_kwargs["streamer"] = clock
+        elif clock.inner is not None:
+            generate_kwargs["streamer"] = clock.inner
         generate_kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
         if getattr(self.model.generation_config, "pad_token_id", None) is None:
             generate_kwargs.setdefault("pad_token_id", self.model.generation_config.eos_token_id)
@@ -213,7 +220,6 @@ class ManagedGenerator:
                 input_ids,
                 cache=cache,
                 max_new_tokens=max_new_tokens,
-                streamer=clock,
                 return_dict_in_generate=True,
                 use_cache=True,
                 **generate_kwargs,
@@ -221,7 +227,7 @@ class ManagedGenerator:
         finished = time.perf_counter()
         ttft = (clock.first_token_at or finished) - started
         new_ids = [int(t) for t in out.sequences[0, len(ids) :].tolist()]
-        stored, store_error = self._store(ids, out, reused, metadata)
+        stored, store_error = self._store(ids, out, reused, metadata) if single else (0, None)
         tier, ttl = self._placement(ids, metadata)
         return GenerationResult(
             text=str(self.tokenizer.decode(new_ids, skip_special_tokens=True)),
