@@ -76,8 +76,8 @@ def start_server(root: Path, token: str | None = TOKEN, extra_args: tuple[str, .
     args = [sys.executable, "-m", "infercache.cli.app", "kv", "serve", "--port", "0", "--config", str(cfg_path)]
     if token:
         args += ["--token", token]
-    full_env = {**os.environ, "INFERCACHE_DATA_DIR": str(root / "data"), "COLUMNS": "250", **(env or {})}
-    full_env.pop("INFERCACHE_API_TOKEN", None)
+    full_env = {k: v for k, v in os.environ.items() if k != "INFERCACHE_API_TOKEN"}
+    full_env.update({"INFERCACHE_DATA_DIR": str(root / "data"), "COLUMNS": "250", **(env or {})})
     proc = subprocess.Popen([*args, *extra_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=full_env)  # fmt: skip
     lines: "queue.Queue[str]" = queue.Queue()

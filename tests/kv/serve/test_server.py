@@ -205,8 +205,12 @@ def test_client_maps_errors_and_unreachable_server(client):
 
 @pytest.mark.slow
 def test_sigterm_finishes_pending_moves_and_exits_cleanly(tmp_path):
-    """A move in flight at SIGTERM is finished (or reported failed); the process exits 0."""
-    srv = start_server(tmp_path / "srv", token=None)
+    """A move in flight at SIGTERM is finished (or reported failed); the process exits 0.
+
+    This server takes its token from INFERCACHE_API_TOKEN (the others from --token)."""
+    srv = start_server(tmp_path / "srv", token=None, env={"INFERCACHE_API_TOKEN": "from-env"})
+    assert "token required" in srv.output[0]
+    assert httpx.post(srv.url + "/lookup", json={"tokens": [1]}).status_code == 401
     try:
         from infercache.kv.config import EngineConfig
         from infercache.kv.engine import Engine
@@ -215,7 +219,7 @@ def test_sigterm_finishes_pending_moves_and_exits_cleanly(tmp_path):
         with Engine(EngineConfig(**cfg)) as engine:
             tokens = unique_tokens(64 * CHUNK, seed=3)
             engine.store(tokens, random_kv(len(tokens), layers=4, hidden=256))
-        with ControllerClient(srv.url) as c:
+        with ControllerClient(srv.url, token="from-env") as c:
             inst = c.instance_id
             events = [c.move([inst, "hot"], [inst, "disk"], tokens)["event_id"]]
             events.append(c.move([inst, "disk"], [inst, "hot"], tokens, copy=True)["event_id"])
