@@ -22,6 +22,13 @@ from infercache.cli.common import (
 )
 from infercache.cli.warm import warm_command
 from infercache.errors import BadInputError
+from infercache.kernels.artifact_prune import plan_artifact_prune
+from infercache.kernels.catalog import Catalog
+from infercache.kernels.indexer import index
+from infercache.kernels.prune import plan_prune
+from infercache.kernels.query import KernelFilter, normalise_kinds, parse_sort, query, query_artifacts
+from infercache.kernels.stats import compute_stats, zero_counters
+from infercache.units import format_size, parse_size
 
 app = typer.Typer(help="Compiled-kernel caches (Triton, vLLM, Inductor): index, list, prune, stats.",
                   no_args_is_help=True)
@@ -42,8 +49,6 @@ KIND = typer.Option(None, "--kind", help="Artifact kind (repeatable): fxgraph, a
 
 
 def open_catalog(ctx: typer.Context) -> Any:
-    from infercache.kernels.catalog import Catalog
-
     return Catalog.open(global_options(ctx).data_dir)
 
 
@@ -60,8 +65,6 @@ def build_filter(
     cache_dirs: Optional[Sequence[Path]],
     mode: Optional[str],
 ) -> Any:
-    from infercache.kernels.query import KernelFilter
-
     return KernelFilter.build(
         name=name, name_like=name_like, backend=backend, arch=arch, older_than=older_than,
         younger_than=younger_than, hits_lower=hits_lower, hits_higher=hits_higher,
@@ -71,7 +74,6 @@ def build_filter(
 
 def run_index(catalog: Any, cache_dirs: Optional[Sequence[Path]], mode: str, rescan: bool = False) -> Any:
     """Index with a progress bar; the library does the work."""
-    from infercache.kernels.indexer import index
 
     with progress_bar("indexing") as callback:
         return index(catalog, cache_dirs or None, mode=mode, progress=callback, rescan=rescan)
@@ -109,7 +111,6 @@ def _short_time(iso_text: Optional[str]) -> str:
 def _records_table(records: Sequence[Any], title: Optional[str] = None) -> Any:
     from rich.table import Table
 
-    from infercache.units import format_size
 
     table = Table(title=title, header_style="bold")
     right = {"justify": "right", "no_wrap": True}
@@ -143,8 +144,6 @@ def write_csv(records: Sequence[Any]) -> None:
 
 
 def footer(records: Sequence[Any]) -> str:
-    from infercache.units import format_size
-
     total = sum(r.total_size for r in records)
     return f"{len(records)} kernel{'s' if len(records) != 1 else ''}, {format_size(total)} ({total} bytes)"
 
@@ -172,7 +171,6 @@ def list_command(
     kind: Optional[List[str]] = KIND,
 ) -> None:
     """List kernels in the catalog, filtered and sorted."""
-    from infercache.kernels.query import normalise_kinds, parse_sort, query
 
     flt = build_filter(name=name, name_like=name_like, backend=backend, arch=arch, older_than=older_than,
                        younger_than=younger_than, hits_lower=cache_hit_lower, hits_higher=cache_hit_higher,
@@ -207,8 +205,6 @@ def _list_artifacts(ctx: typer.Context, flt: Any, cache_dir: Optional[Sequence[P
                     limit: Optional[int], fmt: ListFormat, kinds: Sequence[str] = (), sort: Optional[str] = None) -> None:
     from rich.table import Table
 
-    from infercache.kernels.query import query_artifacts
-    from infercache.units import format_size
 
     with open_catalog(ctx) as catalog:
         refresh_if_dirs(catalog, cache_dir, mode)
@@ -242,7 +238,6 @@ def _list_artifacts(ctx: typer.Context, flt: Any, cache_dir: Optional[Sequence[P
 def _plan_table(plan: Any, limit: int = 50) -> Any:
     from rich.table import Table
 
-    from infercache.units import format_size
 
     table = Table(header_style="bold")
     for col in ("Action", "Key / path", "Name", "Bytes", "Why"):
@@ -257,8 +252,6 @@ def _plan_table(plan: Any, limit: int = 50) -> Any:
 
 
 def choose_strategy(full: bool, deduplicate: bool, max_size: Optional[str], garbage: bool) -> tuple[str, Optional[int]]:
-    from infercache.units import parse_size
-
     chosen = [n for n, on in (("--full", full), ("--deduplicate", deduplicate), ("--max-size", max_size is not None),
                               ("--garbage", garbage)) if on]
     if len(chosen) > 1:
@@ -277,14 +270,11 @@ def choose_strategy(full: bool, deduplicate: bool, max_size: Optional[str], garb
 def run_prune(ctx: typer.Context, flt: Any, strategy: str, max_size: Optional[int], dry_run: bool, yes: bool,
               fmt: OutputFormat, artifacts: bool = False, kinds: Sequence[str] = ()) -> None:
     """Plan, show, confirm, execute: shared by `infercache kernels prune` and `mcm prune`."""
-    from infercache.kernels.prune import plan_prune
-    from infercache.units import format_size
 
     with open_catalog(ctx) as catalog:
         if not catalog.roots() and not flt.cache_dirs:
             raise BadInputError("nothing indexed yet: run `infercache kernels index` or pass --cache-dir")
         if artifacts:
-            from infercache.kernels.artifact_prune import plan_artifact_prune
 
             plan = plan_artifact_prune(catalog, flt, {"ir": "free"}.get(strategy, strategy), kinds=kinds,
                                        max_size=max_size)
@@ -350,7 +340,6 @@ def prune_command(
     kind: Optional[List[str]] = KIND,
 ) -> None:
     """Reclaim space: IR files only by default (kernels stay cache hits), or another strategy."""
-    from infercache.kernels.query import normalise_kinds
 
     strategy, size = choose_strategy(full, deduplicate, max_size, garbage)
     if kind and not artifacts:
@@ -374,7 +363,6 @@ def stats_command(
     zero: bool = typer.Option(False, "--zero", help="Reset the hit/miss counters (after showing them)."),
 ) -> None:
     """Totals by backend, arch, Triton version and file type; reclaimable IR bytes; hit rate."""
-    from infercache.kernels.stats import compute_stats
 
     flt = build_filter(name=None, name_like=None, backend=None, arch=None, older_than=None, younger_than=None,
                        hits_lower=None, hits_higher=None, cache_dirs=cache_dir, mode=mode)
@@ -382,7 +370,6 @@ def stats_command(
         refresh_if_dirs(catalog, cache_dir, mode)
         stats = compute_stats(catalog, flt)
         if zero:
-            from infercache.kernels.stats import zero_counters
 
             zero_counters(catalog, flt)
     if fmt == OutputFormat.json:
@@ -396,7 +383,6 @@ def stats_command(
 def _print_stats(stats: Any) -> None:
     from rich.table import Table
 
-    from infercache.units import format_size
 
     rate = "-" if stats.hit_rate is None else f"{stats.hit_rate * 100:.1f} %"
     summary = Table(show_header=False, box=None)
