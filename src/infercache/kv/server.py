@@ -108,8 +108,9 @@ def create_app(
     max_body_bytes: int | None = None,
     shutdown_timeout: float = 30.0,
     on_ready: Callable[[], None] | None = None,
-) -> FastAPI:
-    """The FastAPI app serving `controller`. `token` set → Bearer auth on every route but /health."""
+) -> "GuardedApp":
+    """The ASGI app serving `controller` (`.app` is the FastAPI inside); `token` set → Bearer auth
+    on every route but /health."""
     metrics = ControllerMetrics(
         controller.instance_id,
         controller.engine.stats,
@@ -206,7 +207,7 @@ def create_app(
     def prometheus() -> Response:
         return Response(content=metrics.render(), media_type=CONTENT_TYPE)
 
-    return _Guard(app, token=token, metrics=metrics)  # type: ignore[return-value]
+    return GuardedApp(app, token=token, metrics=metrics)
 
 
 def _body_cap(max_tokens: int) -> int:
@@ -214,7 +215,7 @@ def _body_cap(max_tokens: int) -> int:
     return max_tokens * _BYTES_PER_TOKEN + (1 << 20)
 
 
-class _Guard:
+class GuardedApp:
     """ASGI wrapper: bearer auth (401) and per-route latency metrics. Wrapping the whole app makes
     it cover FastAPI's own routes too (/openapi.json, /docs)."""
 
