@@ -107,6 +107,23 @@ def test_metrics_expose_tier_counters_and_latency(server, client, raw, shared_en
     assert float(hot_bytes[0].split()[-1]) > 0
     resp = raw.get("/metrics")
     assert resp.headers["content-type"].startswith("text/plain")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(resp.text)}  # valid exposition format
+    assert {"infercache_kv_hits", "infercache_kv_bytes", "infercache_kv_request_duration_seconds"} <= set(families)
+
+
+def test_grafana_dashboard_queries_only_exported_metrics(client):
+    """Every metric the shipped dashboard queries exists in /metrics (names cannot drift apart)."""
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parents[3] / "deploy" / "grafana" / "infercache-kv.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(infercache_kv_[a-z_]+)", e)}
+    exported = set(re.findall(r"^(infercache_kv_[a-z_]+)", client.metrics(), re.M))
+    assert len(used) >= 8 and used <= exported, used - exported
+    assert all("kv_instance" in e for e in exprs)
 
 
 @pytest.mark.parametrize(
