@@ -89,11 +89,13 @@ class _EngineCollector:
             for tier, figures in tiers.items():
                 family.add_metric([self.instance_id, tier], float((figures or {}).get(key, 0) or 0))
             yield family
-        size = GaugeMetricFamily("infercache_kv_bytes", "Bytes of KV held by this tier.", labels=["kv_instance", "tier"])
+        size = GaugeMetricFamily("infercache_kv_bytes", "Bytes of KV held by this tier.",
+                                 labels=["kv_instance", "tier"])
         for tier, figures in tiers.items():
             size.add_metric([self.instance_id, tier], float((figures or {}).get("bytes", 0) or 0))
         yield size
-        moves = CounterMetricFamily("infercache_kv_moves", "Background moves by outcome.", labels=["kv_instance", "outcome"])
+        moves = CounterMetricFamily("infercache_kv_moves", "Background moves by outcome.",
+                                    labels=["kv_instance", "outcome"])
         outcomes = self.move_outcomes()
         for outcome in ("finished", "failed"):
             moves.add_metric([self.instance_id, outcome], float(outcomes.get(outcome, 0)))

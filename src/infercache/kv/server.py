@@ -257,7 +257,9 @@ class GuardedApp:
         return False
 
 
-async def _reply(send: Callable[..., Any], status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+async def _reply(
+    send: Callable[..., Any], status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> None:
     payload = json.dumps(body).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
     raw_headers += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]

@@ -77,7 +77,9 @@ class MultiTierCache:
             raise BadInputError(f"llm must have a generate() method, got {type(llm).__name__}")
         self.llm = llm
 
-    def generate_and_manage(self, prompt: str, sampling_params: Any = None, metadata: dict[str, Any] | None = None) -> str:
+    def generate_and_manage(
+        self, prompt: str, sampling_params: Any = None, metadata: dict[str, Any] | None = None
+    ) -> str:
         """Generate from `prompt`, then move its KV to the tier the heuristics pick; returns the text."""
         if self.llm is None:
             raise BadInputError("no model attached: pass llm= or call set_llm() first")
@@ -120,7 +122,9 @@ class MultiTierCache:
         ))  # fmt: skip
         return text
 
-    def _generate(self, prompt: str, sampling_params: Any, meta: dict[str, Any]) -> tuple[str, list[int] | None, int | None, float | None]:
+    def _generate(
+        self, prompt: str, sampling_params: Any, meta: dict[str, Any]
+    ) -> tuple[str, list[int] | None, int | None, float | None]:
         if isinstance(self.llm, ManagedGenerator):
             r = self.llm.generate(prompt, metadata=meta or None, **_generate_kwargs(sampling_params))
             return r.text, r.prompt_ids, r.tokens_reused, r.ttft_s

@@ -78,7 +78,7 @@ def check_supported(model: Any) -> KVShape:
     """The model's KV shape, or UnsupportedModelError naming the cache layer types it cannot handle."""
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(f"{config.model_type}: encoder-decoder models are not supported (decoder-only only)")
+        raise UnsupportedModelError(f"{config.model_type}: encoder-decoder models are not supported (decoder-only)")
     text_config = config.get_text_config(decoder=True)
     layer_types = _layer_types(text_config)
     unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
@@ -259,7 +259,8 @@ class ManagedGenerator:
             kv = _as_tensor(kv)[:, :, :n].to(device=device, dtype=self.model.dtype)
             return n, kv_to_cache(kv, self.shape, self.model.config), None
         except Exception as exc:  # graceful degradation: any engine failure means "no reuse"
-            log.warning("KV engine failed on lookup/retrieve (%s: %s); generating without reuse", type(exc).__name__, exc)
+            log.warning("KV engine failed on lookup/retrieve (%s: %s); generating without reuse",
+                        type(exc).__name__, exc)
             return 0, None, f"{type(exc).__name__}: {exc}"
 
     def _store(self, ids: list[int], out: Any, reused: int, metadata: dict[str, Any] | None) -> tuple[int, str | None]:
