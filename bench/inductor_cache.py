@@ -88,7 +88,8 @@ def warm_starts(work: Path, rounds: int) -> None:
     for name in figures:
         note = ""
         if name in ("unpacked", "pruned"):
-            note = f"  {med[name] / med['warm']:.2f}x warm (target <= 1.2x), {med[name] / med['mega-cache']:.2f}x mega-cache (target <= 1x)"
+            note = (f"  {med[name] / med['warm']:.2f}x warm (target <= 1.2x), "
+                    f"{med[name] / med['mega-cache']:.2f}x mega-cache (target <= 1x)")
         print(f"  {name:<11} {med[name]:6.2f} s  = {med[name] / med['cold']:.2f}x cold   "
               f"compile work: {work_done[name]:>2} builds{note}")
 
@@ -154,7 +155,7 @@ def index_figures(work: Path, seed: Path, total: int, rounds: int) -> None:
             again.append(time.perf_counter() - t0)
     b, f, a = statistics.median(base), statistics.median(full), statistics.median(again)
     print(f"baseline  os.walk + lstat of every file: {b * 1000:8.1f} ms  (median of {len(base)})")
-    print(f"full index (reads FX graph / AOTAutograd entries for torch versions): {f * 1000:8.1f} ms = {f / b:5.2f}x baseline")
+    print(f"full index (reads FX graph / AOTAutograd entries): {f * 1000:8.1f} ms = {f / b:5.2f}x baseline")
     print(f"re-index, nothing changed:  {a * 1000:8.1f} ms = {a / b:5.2f}x baseline")
 
 

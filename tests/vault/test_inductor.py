@@ -88,7 +88,8 @@ def test_unpacked_at_a_new_place_is_warm(torch_cache_master: TorchCache, tmp_pat
     assert check.compatible and check.to_json()["inductor"]["compatible"]  # no GPU needed for a CPU cache
     dest = tmp_path / "elsewhere" / "inductor"
     report = unpack(ref, dest)
-    assert len(report.extracted) == int(_labels(ref)["cache.inductor.image/entry-count"]) and not report.skipped_incompatible
+    assert len(report.extracted) == int(_labels(ref)["cache.inductor.image/entry-count"])
+    assert not report.skipped_incompatible
     again = unpack(ref, dest)
     assert not again.extracted and len(again.already_present) == len(report.extracted)
     warm = run_fresh(dest)

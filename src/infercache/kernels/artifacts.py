@@ -219,7 +219,8 @@ ARTIFACT_COLUMNS = ("path, cache_root, kind, size, modified, vllm_hash, vllm_ran
 def row_from_db(row: Any) -> ArtifactRow:
     """An ArtifactRow from a catalog row (sqlite3.Row or a mapping with ARTIFACT_COLUMNS)."""
     return ArtifactRow(
-        path=row["path"], cache_root=row["cache_root"], kind=row["kind"], key=row["key"] or os.path.basename(row["path"]),
+        path=row["path"], cache_root=row["cache_root"], kind=row["kind"],
+        key=row["key"] or os.path.basename(row["path"]),
         mode=row["mode"] or "vllm", size=row["size"], files=json.loads(row["files_json"] or "{}"),
         modified=row["modified"], last_access=row["last_access"], signature=row["signature"] or "",
         torch_version=row["torch_version"], vllm=VllmWhere(row["vllm_hash"], row["vllm_rank"], row["vllm_prefix"]),

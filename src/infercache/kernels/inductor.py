@@ -152,8 +152,9 @@ class _Scanner:
                 sig = DAMAGED + sig
         if kind == "fxgraph" and version:
             self.fx_versions[key] = version
-        self.rows.append(ArtifactRow(path, self.root, kind, key, self.mode, size, dict((n, st.st_size) for n, st in files),
-                                     modified, atime, sig, version, where))
+        sizes = {n: st.st_size for n, st in files}
+        self.rows.append(ArtifactRow(path, self.root, kind, key, self.mode, size, sizes, modified, atime, sig, version,
+                                     where))
 
     def _inspect(self, path: str, kind: str, files: list[tuple[str, os.stat_result]],
                  check: str | None) -> tuple[str | None, tuple[str, str] | None]:
