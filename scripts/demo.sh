@@ -74,7 +74,7 @@ echo "   here (nothing downloaded); prompts sharing a long prefix go through Mul
 echo "   with a shared-memory hot tier and a disk tier; TTFT is measured with and without reuse"
 kvname="demo-kv-$$"
 trap '[ -n "${srv_pid:-}" ] && kill "$srv_pid" 2>/dev/null; "$PY" -c "import sys; from infercache.kv.pool import Pool; Pool.destroy(sys.argv[1])" "$kvname" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
-"$PY" - "$kvname" "$work/kvdisk" <<'PY' 2>/dev/null
+"$PY" - "$kvname" "$work/kvdisk" <<'PY'
 import sys
 import torch
 from infercache.kv import Engine
