@@ -124,6 +124,11 @@ def test_damaged_and_half_written_entries_are_warnings(torch_cache_master: Torch
     (cache / "ab" / ".7.7.tmp").parent.mkdir(exist_ok=True)
     (cache / "ab" / ".7.7.tmp").write_bytes(b"x")
     (cache / "stray.bin").write_bytes(b"?")
+    headers = cache / "precompiled_headers"  # as in Inductor's default dir: <hash>.h, <hash>.h.gch, locks/
+    (headers / "locks").mkdir(parents=True)
+    (headers / "cpch.h").write_text("#include <torch/csrc/inductor/cpp_prefix.h>\n")
+    (headers / "cpch.h.gch").write_bytes(b"gpch" * 100)
+    (headers / "locks" / "cpch.lock").write_bytes(b"")
     os.symlink("/etc", cache / "fxgraph" / "ln")
     s = do_index(catalog, cache)
     problems = {str(p.path): p.kind for p in s.problems}
@@ -132,6 +137,9 @@ def test_damaged_and_half_written_entries_are_warnings(torch_cache_master: Torch
     assert s.skipped.get("temp") == 3
     assert str(half) not in {r.path for r in query_artifacts(catalog)}  # no finished file: not an artifact
     assert kinds_of(catalog)["fxgraph"] == 3  # damaged ones still take space: indexed, and warned about
+    pch = next(r for r in query_artifacts(catalog) if r.key == "cpch")
+    assert pch.kind == "module" and set(pch.files) == {"cpch.h", "cpch.h.gch"}
+    assert s.skipped.get("lock", 0) >= 1 + len(list((cache / "locks").iterdir()))
     s2 = do_index(catalog, cache)
     assert {str(p.path) for p in s2.problems} == set(problems)  # warned again, not silently "unchanged"
 
@@ -206,6 +214,7 @@ def test_cli_list_and_stats_artifacts(torch_cache_master: TorchCache, tmp_path: 
     assert runner.invoke(app, ["kernels", "list", "--artifacts", "--kind", "nope"]).exit_code == 2
     assert runner.invoke(app, ["kernels", "list", "--kind", "fxgraph"]).exit_code == 2
     assert runner.invoke(app, ["kernels", "list", "--artifacts", "--sort", "warps"]).exit_code == 2
+    assert runner.invoke(app, ["kernels", "list", "--artifacts", "--backend", "cuda"]).exit_code == 2
     stats = json.loads(runner.invoke(app, ["kernels", "stats", "--format", "json"]).stdout)
     assert stats["artifacts_by_kind"]["fxgraph"]["entries"] == 3
     assert stats["artifacts_by_kind"]["module"]["total_size"] > 0

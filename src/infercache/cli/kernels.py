@@ -179,6 +179,8 @@ def list_command(
         raise BadInputError("--kind applies to artifacts: add --artifacts")
     if artifacts:
         normalise_kinds(kind)  # bad kind → exit 2 before any work
+        if any(v is not None for v in (backend, arch, cache_hit_lower, cache_hit_higher)):
+            raise BadInputError("--backend, --arch and hit filters apply to kernels, not to --artifacts")
         _list_artifacts(ctx, flt, cache_dir, mode, limit, fmt, kind or (), sort)
         return
     parse_sort(sort)  # bad sort field → exit 2 before any work

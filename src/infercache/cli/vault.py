@@ -155,7 +155,8 @@ def check_command(
 @handle_errors
 def unpack_command(
     image_ref: str = typer.Argument(..., help="Image reference."),
-    dest: Optional[Path] = typer.Option(None, "--dest", help="Where to install (default: the Triton cache dir, or the vLLM root for vLLM images)."),
+    dest: Optional[Path] = typer.Option(None, "--dest", help="Where to install (default: the Triton cache dir, the vLLM root for vLLM images, "
+                                                       "the Inductor cache dir for inductor images)."),
     target: Optional[List[str]] = TARGETS,
     force: bool = typer.Option(False, "--force", help="Unpack the compatible entries even if the image summary says it does not fit."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace entries that already exist."),

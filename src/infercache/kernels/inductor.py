@@ -277,8 +277,12 @@ class _Scanner:
             st = _lstat(f)
             if st is None or stat.S_ISLNK(st.st_mode):
                 continue
-            if stat.S_ISDIR(st.st_mode):  # e.g. AOTInductor output dirs named by hash
-                self._add(f.path, "module", f.name, list(self._tree_files(f.path)), where)
+            if stat.S_ISDIR(st.st_mode):
+                if f.name == "locks":  # precompiled_headers/locks/
+                    for lock in _scandir(f.path, self.problems):
+                        self._noise(lock.path, "temp" if A.is_temp(lock.name) else "lock", _lstat(lock))
+                else:  # e.g. AOTInductor output dirs named by hash
+                    self._add(f.path, "module", f.name, list(self._tree_files(f.path)), where)
                 continue
             kind = A.classify_module_file(f.name)
             if kind in ("temp", "lock"):
