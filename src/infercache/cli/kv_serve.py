@@ -14,7 +14,11 @@ import typer
 
 from infercache.cli.common import console, err_console, global_options, handle_errors
 from infercache.errors import InfercacheError
-from infercache.kv.client import DEFAULT_MAX_TOKENS, DEFAULT_PORT
+from infercache.kv.client import DEFAULT_MAX_TOKENS, DEFAULT_PORT, LocalController
+from infercache.kv.config import EngineConfig
+from infercache.kv.engine import Engine
+from infercache.kv.server import bind, serve
+from infercache.kv.tokenizer import load_tokenizer
 
 
 @handle_errors
@@ -41,11 +45,6 @@ def serve_command(
     ),
 ) -> None:
     """Serve one KV engine over HTTP: /health /tokenize /lookup /move /check_finish /pin /clear /metrics."""
-    from infercache.kv import Engine, EngineConfig
-    from infercache.kv.client import LocalController
-    from infercache.kv.server import bind, serve
-    from infercache.kv.tokenizer import load_tokenizer
-
     cfg = EngineConfig.from_file(config) if config is not None else EngineConfig.from_env()
     data_dir = global_options(ctx).data_dir
     if cfg.data_dir is None and data_dir is not None:
