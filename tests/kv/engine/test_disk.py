@@ -117,3 +117,44 @@ def test_two_engines_share_a_disk_directory(make_engine, tmp_path) -> None:
     assert b.locate(list(range(8))) == ["disk", "disk"]
     mask, out = b.retrieve(list(range(8)))
     assert bool(mask.all()) and np.array_equal(out, kv_for(8))
+
+
+CRASHER = """
+import sys, numpy as np
+from infercache.kv import Engine
+e = Engine(chunk_size=4, pool_name=sys.argv[1], local_cpu_size="64M", local_disk=sys.argv[2], disk_writers=4)
+rng = np.random.default_rng(3)
+for i in range(10000):  # until killed
+    e.store([i] * 4, rng.standard_normal((2, 16, 4, 2048)).astype("float16"))  # 512 KiB chunks
+    if i == 8:
+        e.flush()
+        print("ready", flush=True)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_only_whole_chunks(make_engine, tmp_path, data_dir) -> None:
+    import signal
+    import sys
+
+    disk = tmp_path / "crash"
+    name = f"t-eng-{uuid.uuid4().hex[:10]}"
+    proc = subprocess.Popen([sys.executable, "-c", CRASHER, name, str(disk)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ.copy())  # fmt: skip
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    proc.send_signal(signal.SIGKILL)  # somewhere in the middle of a store or a disk write
+    proc.wait(timeout=30)
+    engine = make_engine(local_disk=str(disk))  # its own hot pool: everything comes from disk
+    from infercache.kv import Pool
+
+    Pool.destroy(name, data_dir=data_dir)
+    assert not [p for p in disk.iterdir() if p.name.startswith(TMP_PREFIX)]
+    indexed = engine._tiers["disk"].keys()
+    assert len(indexed) >= 9 and len(indexed) == len(_files(disk))
+    n = 0
+    while engine.lookup([n] * 4):
+        n += 1
+    assert n >= 9
+    for i in range(n):  # every chunk the index kept passes its checksum
+        mask, _ = engine.retrieve([i] * 4)
+        assert bool(mask.all())
+    assert engine.stats().tiers["disk"].errors == 0

@@ -180,3 +180,26 @@ def test_damaged_hot_record_is_a_counted_miss_and_removed(make_engine) -> None:
     assert mask.tolist() == [True] * 4 + [False] * 4 and out.shape[2] == 4
     assert not engine.pool.contains(key)
     assert engine.stats().tiers["hot"].errors == 1
+
+
+def test_threads_share_one_engine(make_engine) -> None:
+    """The controller serves requests from a thread pool: one engine, concurrent verbs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = make_engine(disk=True)
+
+    def work(t: int) -> bool:
+        for i in range(15):
+            tokens = [t * 1000 + i] * 8
+            kv = kv_for(8, seed=t * 100 + i)
+            engine.store(tokens, kv)
+            mask, out = engine.retrieve(tokens)
+            if not (mask.all() and np.array_equal(out, kv)):
+                return False
+            engine.lookup(tokens)
+            engine.prefetch(tokens)
+        return True
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, range(4)))
+    assert engine.stats().tiers["hot"].errors == 0

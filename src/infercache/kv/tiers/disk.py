@@ -30,6 +30,7 @@ from infercache.kv.tiers.base import HEADER_BYTES, ChunkHeader, Sink, Tier, Trac
 
 log = logging.getLogger(__name__)
 SUFFIX = ".kvc"
+_PIECE = 1 << 20  # write and checksum unit
 TMP_PREFIX = ".tmp-"
 
 
@@ -274,12 +275,18 @@ class DiskTier(Tier):
         tmp = self.dir / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.part"
         final = self.path_of(key)
         try:
-            if head.crc is None:
-                head = replace(head, crc=zlib.crc32(body))
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                _write_all(fd, head.pack(kb) + kb)
-                _write_all(fd, body)
+                _write_all(fd, bytes(HEADER_BYTES) + kb)  # the header goes in last, with the crc
+                crc = 0
+                for off in range(0, head.nbytes, _PIECE):  # crc each piece while it is still in cache
+                    piece = body[off : off + _PIECE]
+                    crc = zlib.crc32(piece, crc)
+                    _write_all(fd, piece)
+                if head.crc is not None and head.crc != crc:
+                    raise ValueError("payload changed while queued")
+                head = replace(head, crc=crc)
+                os.pwrite(fd, head.pack(kb), 0)
             finally:
                 os.close(fd)
             with self._lock:
@@ -290,12 +297,13 @@ class DiskTier(Tier):
                     entry = self.book.entries.get(key)
                     if entry is not None:
                         entry.extra = head
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             _unlink(tmp)
             with self._lock:
                 if self._pending.get(key) is pending:
                     self.book.remove(key)
-            what = "write (disk full: chunk not stored)" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "write"
+            full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+            what = "write (disk full: chunk not stored)" if full else "write"
             self._error(what, exc, "")
         finally:
             with self._lock:

@@ -1,14 +1,17 @@
 """Hot tier: the shared-memory `Pool`, so every engine of a model on a host shares one hot tier.
 
 Reads copy straight from the shared mapping into the caller's output (`Pool.view`): no
-intermediate bytes object. TTLs are the pool's own (an expired entry is a miss in every
-process); the engine demotes a chunk shortly before its TTL runs out.
+intermediate bytes object. A TTL is in the chunk record (past it, a read is a miss in every
+process) and, plus a grace period, in the pool entry (the pool then drops it by itself); the
+engine moves a chunk down shortly before its TTL runs out, and can still read it in the grace
+period if its sweeper was late.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from infercache.errors import BadInputError, InfercacheError
@@ -73,6 +76,7 @@ class HotTier(Tier):
             return False
 
     def put(self, key: str, head: ChunkHeader, payload: Any, ttl: float | None = None) -> bool:
+        head = replace(head, expires=time.time() + ttl if ttl else 0.0)
         record = self._record(key, head, payload)
         return self.put_record(key, record, head.nbytes, ttl)
 
@@ -82,7 +86,7 @@ class HotTier(Tier):
         try:
             if self.write_back and self.evict_hook is not None:
                 self._make_room(len(record), key)
-            ok = pool.put(key, record, ttl=ttl) if ttl else pool.put(key, record)
+            ok = pool.put(key, record, ttl=ttl + _grace(ttl)) if ttl else pool.put(key, record)
         except BadInputError as exc:  # larger than the whole pool
             self._error("put", exc)
             return False
@@ -108,6 +112,8 @@ class HotTier(Tier):
                 if view is None:
                     return False, None
                 head, key_len = ChunkHeader.unpack(view)
+                if head.expired() and not expired_ok:  # past its TTL: a miss in every process
+                    return False, None
                 start = HEADER_BYTES + key_len
                 if bytes(view[HEADER_BYTES:start]) != key.encode():
                     raise ValueError("record key mismatch")
@@ -196,6 +202,12 @@ class HotTier(Tier):
             log.warning("hot tier (pool %s): %s failed: %s", getattr(self.pool, "name", "?"), what, exc)
         else:
             log.debug("hot tier: %s failed: %s", what, exc)
+
+
+def _grace(ttl: float) -> float:
+    """How long the pool keeps an entry past its TTL: the record's own expiry already makes it a
+    miss, and the engine can still read it to move it down if its sweeper runs late."""
+    return min(300.0, max(5.0, 0.1 * ttl))
 
 
 def default_pool_name(model_name: str, world_size: int, worker_id: int) -> str:
