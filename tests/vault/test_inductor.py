@@ -250,3 +250,28 @@ def test_vllm_cache_ships_its_inductor_parts_warm(torch_cache_master: TorchCache
     assert not (cache / "locks").exists()
     warm = run_fresh(cache)
     assert warm["compile_work"] == 0, warm["build_targets"]
+
+
+def test_triton_parts_of_an_inductor_cache_go_per_gpu_target(torch_cache_master: TorchCache,
+                                                             sample_cache_master: Path, tmp_path: Path) -> None:
+    """An Inductor cache with Triton entries (`triton/0/`, as on a GPU host; here real entries compiled for
+    cuda:80/90 and hip:gfx90a/gfx942 without a GPU): their targets label the image and unpack installs the
+    ones a --target can run, group files pointing at their new place, so Triton hits there."""
+    from infercache.testing.samples import compile_sample
+    from tests.helpers import copy_triton_cache
+
+    cache = torch_cache_master.copy(tmp_path / "inductor")
+    copy_triton_cache(sample_cache_master, cache / "triton" / "0")
+    ref = _pack(cache, tmp_path)
+    summary = json.loads(_labels(ref)[S])
+    assert {(t["backend"], t["arch"]) for t in summary["targets"]} == {
+        ("cuda", "80"), ("cuda", "90"), ("hip", "gfx90a"), ("hip", "gfx942")}
+    assert check_image(ref, ["cuda:90"]).compatible and not check_image(ref, ["cuda:70"]).compatible
+    report = unpack(ref, tmp_path / "dest", ["cuda:90"])
+    kernels = [e for e in report.extracted if e.startswith("triton/")]
+    assert len(kernels) == 6 and len([s for s in report.skipped_incompatible if s.startswith("triton/")]) == 18
+    assert (tmp_path / "dest" / "fxgraph").is_dir()
+    assert compile_sample(tmp_path / "dest" / "triton" / "0", "add_kernel", "cuda:90", num_warps=4).cache_hit
+    bare = unpack(ref, tmp_path / "dest2")  # no GPU, no --target: Inductor artifacts only, with a warning
+    assert not any(e.startswith("triton/") for e in bare.extracted) and (tmp_path / "dest2" / "fxgraph").is_dir()
+    assert any("Triton entries skipped" in w for w in bare.warnings)

@@ -16,7 +16,7 @@ from infercache.gpu import detect
 from infercache.gpu.compat import check_compatible, installed_triton_version
 from infercache.gpu.targets import GpuTarget
 from infercache.vault import inductor
-from infercache.vault.labels import component_label, summary_targets
+from infercache.vault.labels import LABEL_TYPE, component_label, summary_targets
 from infercache.vault.reference import ImageReference, RegistryOptions
 from infercache.vault.inspect import read_image_documents
 
@@ -156,7 +156,9 @@ def with_inductor(result: CheckResult, labels: dict[str, str]) -> CheckResult:
     except ValueError:
         summary = None
     host = inductor.check_summary(summary if isinstance(summary, dict) else None)
-    gpu_ok = result.compatible or not result.targets
+    # A torch.compile image is usable without a GPU (its Triton entries then stay out, with a warning).
+    cpu_image = labels.get(LABEL_TYPE) == inductor.COMPONENT and not result.gpus
+    gpu_ok = result.compatible or not result.targets or cpu_image
     message = result.message if result.targets else None
     if not host.compatible:
         message = "; ".join(host.reasons)
