@@ -493,7 +493,8 @@ class Engine:
             prefix = self.db.key_prefix
             for tier in tiers:
                 tier.flush()
-                keys = [k for k in tier.keys() if k.startswith(prefix)]
+                keys = [k for k in (tier.keys(prefix) if tier is self._tiers.get("remote") else tier.keys())
+                        if k.startswith(prefix)]  # fmt: skip
                 if hasattr(tier, "delete_many"):
                     tier.delete_many(keys)  # type: ignore[attr-defined]
                 else:

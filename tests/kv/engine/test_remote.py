@@ -115,3 +115,15 @@ def test_rediss_verifies_certificates_by_default() -> None:
     client.close()
     with pytest.raises(ValueError, match="HOST:PORT"):
         make_client("redis-cluster://nohostport")
+
+
+def test_clear_remote_removes_only_this_models_keys(make_engine, redis_server) -> None:
+    ours = make_engine(remote_url=redis_server.url, model_name="m[1]*")
+    other = make_engine(remote_url=redis_server.url, model_name="other")
+    ours.store(list(range(8)), kv_for(8))
+    other.store(list(range(8)), kv_for(8))
+    restarted = make_engine(remote_url=redis_server.url, model_name="m[1]*")  # knows nothing it put itself
+    assert restarted.clear("remote") == 2
+    client = redis_server.client()
+    assert [client.exists(f"ickv:{{{k}}}:d") for k in ours.db.keys(list(range(8)))] == [0, 0]
+    assert [client.exists(f"ickv:{{{k}}}:d") for k in other.db.keys(list(range(8)))] == [1, 1]

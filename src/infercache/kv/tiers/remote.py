@@ -262,18 +262,21 @@ class RemoteTier(Tier):
 
         return self._guard("delete", run, 0) if keys else 0
 
-    def keys(self) -> list[str]:
-        """Chunk keys in Redis (every node of a cluster), falling back to what this engine put."""
+    def keys(self, prefix: str = "") -> list[str]:
+        """Chunk keys starting with `prefix` in Redis (every node of a cluster), plus what this engine put."""
+        import re
+
+        pattern = "ickv:{" + re.sub(r"([\\*?\[\]])", r"\\\1", prefix) + "*}:m"
 
         def run() -> list[str]:
             out = []
-            for name in self.client.scan_iter(match="ickv:{*}:m", count=1000):
+            for name in self.client.scan_iter(match=pattern, count=1000):
                 text = name.decode() if isinstance(name, bytes) else name
                 out.append(text[len("ickv:{") : -len("}:m")])
             return out
 
         with self._lock:
-            known = list(self.book.entries)
+            known = [k for k in self.book.entries if k.startswith(prefix)]
         found = self._guard("scan", run, None)
         return sorted(set(known) | set(found or ()))
 
