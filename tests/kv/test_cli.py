@@ -461,10 +461,11 @@ def test_list_shows_attached_processes_and_files_are_private(names, data_dir: Pa
             assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
 
 
-def test_cli_module_imports_no_pool_machinery() -> None:
-    """`infercache --help` stays fast: the kv CLI loads the pool library and numpy only when a command runs."""
+def test_root_cli_imports_no_pool_machinery() -> None:
+    """`infercache --help` stays fast: the root loads the kv CLI (and with it the pool library and numpy)
+    only when a `kv` command runs."""
     out = _py(
-        "import sys, infercache.cli.kv\n"
+        "import sys, infercache.cli.app\n"
         "print(sorted(m for m in ('numpy', 'infercache.kv.pool', 'infercache.kv.allocator') if m in sys.modules))\n"
     ).stdout
     assert out.strip() == "[]"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import typer
 from rich.table import Table
@@ -22,10 +22,9 @@ from infercache.cli.common import (
     print_json,
 )
 from infercache.cli.kv_serve import serve_command
+from infercache.kv.policies import POLICIES
+from infercache.kv.pool import Pool
 from infercache.units import format_size
-
-if TYPE_CHECKING:  # the pool library is imported lazily: keep `infercache --help` fast
-    from infercache.kv import Pool
 
 app = typer.Typer(
     help="Shared-memory KV-cache pools: create, inspect, evict, persist, restore, check.",
@@ -36,14 +35,8 @@ def _data_dir(ctx: typer.Context) -> Optional[Path]:
     return global_options(ctx).data_dir
 
 
-def _pool_api() -> "type[Pool]":
-    from infercache.kv import Pool
-
-    return Pool
-
-
-def _open(ctx: typer.Context, name: str) -> "Pool":
-    return _pool_api().open(name, data_dir=_data_dir(ctx))
+def _open(ctx: typer.Context, name: str) -> Pool:
+    return Pool.open(name, data_dir=_data_dir(ctx))
 
 
 def _pct(value: Any) -> str:
@@ -79,7 +72,7 @@ def create(
     ),  # fmt: skip
 ) -> None:
     """Create a named pool that any process on this host can attach to."""
-    pool = _pool_api().create(
+    pool = Pool.create(
         name, size=size, tier=tier, path=path, policy=policy, block_size=block_size, data_dir=_data_dir(ctx),
         prefault=prefault,
     )  # fmt: skip
@@ -123,7 +116,7 @@ def list_pools(
     format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
     """Every pool registered on this host."""
-    rows = [row.to_json() for row in _pool_api().list_pools(data_dir=_data_dir(ctx))]
+    rows = [row.to_json() for row in Pool.list_pools(data_dir=_data_dir(ctx))]
     if format is OutputFormat.json:
         print_json(rows)
         return
@@ -135,7 +128,7 @@ def list_pools(
 
 def _all_stats(ctx: typer.Context) -> list[dict[str, Any]]:
     """Stats of every registered pool (plus attached pids); one that cannot be opened carries `error`."""
-    return [row.to_json() for row in _pool_api().list_pools(data_dir=_data_dir(ctx))]
+    return [row.to_json() for row in Pool.list_pools(data_dir=_data_dir(ctx))]
 
 
 _STATUS_FIELDS = (
@@ -205,7 +198,7 @@ def status(
             for stats in every:
                 console.print(_status_table(stats))
         return
-    stats = _pool_api().status(name, data_dir=_data_dir(ctx)).to_json()
+    stats = Pool.status(name, data_dir=_data_dir(ctx)).to_json()
     if format is OutputFormat.json:
         print_json(stats)
     else:
@@ -265,7 +258,7 @@ def restore(
     name: Optional[str] = typer.Option(None, "--name", help="Name for the restored pool (default: the saved name)."),
 ) -> None:
     """Create a pool from a snapshot (verified before anything is created)."""
-    with _pool_api().restore(file, name=name, data_dir=_data_dir(ctx)) as pool:
+    with Pool.restore(file, name=name, data_dir=_data_dir(ctx)) as pool:
         stats = pool.stats()
     console.print(
         f"restored pool [bold]{stats.name}[/]: {stats.entries} entries, "
@@ -281,7 +274,7 @@ def delete(
     name: str = typer.Argument(..., help="Pool name."),
 ) -> None:
     """Remove a pool: its backing file and its registration."""
-    _pool_api().destroy(name, data_dir=_data_dir(ctx))
+    Pool.destroy(name, data_dir=_data_dir(ctx))
     console.print(f"deleted pool {name}", highlight=False)
 
 
@@ -317,8 +310,6 @@ def policies(
     format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
 ) -> None:
     """The eviction policies a pool can use."""
-    from infercache.kv import POLICIES
-
     if format is OutputFormat.json:
         print_json([{"name": key, "description": text} for key, text in POLICIES.items()])
         return

@@ -12,10 +12,24 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
 
 from infercache.cli import kernels as k
-from infercache.cli.common import GlobalOptions, OutputFormat, console, handle_errors, setup_logging
-from infercache.kernels.container_warm import DEFAULT_MODEL, DEFAULT_OUTPUT, DEFAULT_VLLM_CACHE_DIR
+from infercache.cli.common import (
+    GlobalOptions,
+    OutputFormat,
+    console,
+    handle_errors,
+    setup_logging,
+)
+from infercache.cli.warm import run_container_warm
+from infercache.kernels.container_warm import (
+    DEFAULT_MODEL,
+    DEFAULT_OUTPUT,
+    DEFAULT_VLLM_CACHE_DIR,
+)
+from infercache.kernels.query import iso, query
+from infercache.units import format_size
 
 app = typer.Typer(
     name="mcm",
@@ -73,11 +87,6 @@ def list_command(
     mode: str = MODE,
 ) -> None:
     """List kernels (MCM's columns: Hash, Name, Hits, Last Access, Backend, Arch, Version, Warps, Total Size, Dir)."""
-    from rich.table import Table
-
-    from infercache.kernels.query import iso, query
-    from infercache.units import format_size
-
     flt = _filter(name, backend, arch, older_than, younger_than, cache_hit_lower, cache_hit_higher, cache_dir, mode)
     with k.open_catalog(ctx) as catalog:
         k.refresh_if_dirs(catalog, _dirs(cache_dir), mode)
@@ -134,8 +143,6 @@ def warm_command(
     image: Optional[str] = typer.Option(None, "--image", help="Container image (default: MCM's CUDA/ROCm image)."),
 ) -> None:
     """Pre-warm a vLLM cache by running the model in a container (podman or docker with GPU access)."""
-    from infercache.cli.warm import run_container_warm
-
     run_container_warm(model, rocm=rocm, engine=engine, image=image, host_cache_dir=host_cache_dir,
                        vllm_cache_dir=vllm_cache_dir, token=hugging_face_token, tarball=tarball, output=output)
 

@@ -8,48 +8,38 @@ Two modes: `--spec FILE` compiles Triton kernels ahead of time for any target
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from typing import Any, List, Optional
 
 import typer
 
-from infercache.cli.common import OutputFormat, console, err_console, print_json
+from infercache.cli.common import (
+    OutputFormat,
+    console,
+    err_console,
+    print_json,
+    progress_bar,
+)
 from infercache.errors import BadInputError
-from infercache.kernels.container_warm import DEFAULT_OUTPUT, DEFAULT_VLLM_CACHE_DIR
+from infercache.kernels.container_warm import (
+    DEFAULT_OUTPUT,
+    DEFAULT_VLLM_CACHE_DIR,
+    plan_container_warm,
+)
+from infercache.kernels.warm import plan_warm
+from infercache.kernels.warm_spec import load_spec
+
 TOKEN_HELP = "Hugging Face token for private models (default: $HF_TOKEN); passed to the container by environment."
-
-
-def _bar(total: int) -> Iterator[Callable[[int, int, Any], None] | None]:
-    """A Rich progress bar on stderr (terminals only) that also reports failures as they come."""
-    if not err_console.is_terminal:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("warming"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=True) as bar:
-        task = bar.add_task("warm", total=total)
-
-        def update(done: int, _total: int, result: Any) -> None:
-            bar.update(task, completed=done)
-
-        yield update
 
 
 def run_spec_warm(spec_file: Path, targets: List[str], cache_dir: Optional[Path], jobs: int,
                   fmt: OutputFormat) -> None:
-    from infercache.kernels.warm import plan_warm
-    from infercache.kernels.warm_spec import load_spec
-
     if jobs < 1:
         raise BadInputError(f"--jobs must be at least 1, not {jobs}")
     plan = plan_warm(load_spec(spec_file), targets)
-    gen = _bar(len(plan.tasks))
-    callback = next(gen)
-    try:
-        report = plan.execute(cache_dir, jobs=jobs, progress=callback)
-    finally:
-        gen.close()
+    with progress_bar("warming") as callback:
+        report = plan.execute(cache_dir, jobs=jobs, progress=callback and (lambda done, total, _r: callback(done, total)))
     if fmt == OutputFormat.json:
         print_json(report.to_json())
     else:
@@ -60,8 +50,6 @@ def run_spec_warm(spec_file: Path, targets: List[str], cache_dir: Optional[Path]
 
 def _print_warm(report: Any) -> None:
     """Failures as text blocks (compiler messages carry source lines and carets: no table wrapping)."""
-    import textwrap
-
     for f in report.failed:
         err_console.print(f"[bold red]failed:[/] {f.kernel} for {f.target}", highlight=False)
         err_console.print(textwrap.indent(f.error, "    "), markup=False, highlight=False, soft_wrap=True)
@@ -71,8 +59,6 @@ def _print_warm(report: Any) -> None:
 def run_container_warm(model: str, *, rocm: bool, engine: str, image: Optional[str], host_cache_dir: Path,
                        vllm_cache_dir: str, token: Optional[str], tarball: bool, output: Path,
                        fmt: OutputFormat = OutputFormat.table) -> None:
-    from infercache.kernels.container_warm import plan_container_warm
-
     plan = plan_container_warm(model, rocm=rocm, engine=engine, image=image, host_cache_dir=host_cache_dir,
                                vllm_cache_dir=vllm_cache_dir, tarball=tarball, output=output,
                                pass_token=bool(token))
