@@ -193,15 +193,18 @@ def build_master(base: Path) -> TorchCache:
 
 
 def frame_binary_artifact(payload: bytes, key: str = "artifact") -> bytes:
-    """`payload` in torch's binary artifact framing (`CompiledArtifact.save(format="binary")`):
-    CRC32 of the rest, then length-prefixed header, torch key, key and the artifact bytes."""
+    """`payload` in torch's binary artifact framing (`CompiledArtifact.save(format="binary")`, torch 2.13):
+    CRC32 of the rest, then length-prefixed CACHE_HEADER, torch key (a hash; zeros here), base64 key and
+    the artifact bytes. A real one saved by `standalone_compile(...).save(format="binary")` passes the same
+    checks (checked by hand: a cold standalone_compile costs ~30 s, too much for every test session)."""
     import base64
     import zlib
 
     def framed(b: bytes) -> bytes:
         return len(b).to_bytes(8, "big") + b
 
-    body = framed(b"CompiledArtifact") + framed(b"\0" * 32) + framed(base64.b64encode(key.encode())) + framed(payload)
+    body = (framed(b"CacheCompiledArtifact") + framed(b"\0" * 32) + framed(base64.b64encode(key.encode()))
+            + framed(payload))
     return zlib.crc32(body).to_bytes(4, "big") + body
 
 
