@@ -72,7 +72,7 @@ class EngineStats:
 
 
 def _demotion_lead(ttl: float) -> float:
-    """How long before its TTL runs out a chunk is moved down (the pool drops it at the TTL)."""
+    """How long before its TTL runs out a chunk is moved down (past the TTL it is a miss)."""
     return min(2.0, 0.05 * ttl)
 
 

@@ -183,7 +183,7 @@ class DiskTier(Tier):
             pending = self._pending.get(key)
             if pending is not None:
                 self.book.touch(key)
-                return True, sink(pending.head, memoryview(pending.buf)[: pending.head.nbytes])
+                return self._deliver(key, sink, pending.head, memoryview(pending.buf)[: pending.head.nbytes])
             path = self.path_of(key)
             try:
                 with open(path, "rb", buffering=0) as handle:
@@ -207,7 +207,14 @@ class DiskTier(Tier):
                 self.delete(key)
                 return False, None
             self.book.touch(key)
+            return self._deliver(key, sink, head, body)
+
+    def _deliver(self, key: str, sink: Sink, head: ChunkHeader, body: Any) -> tuple[bool, Any]:
+        try:
             return True, sink(head, body)
+        except ValueError as exc:  # the record does not fit the request (another geometry)
+            self._error("read", exc, f"{key}: ")
+            return False, None
 
     def delete(self, key: str) -> bool:
         with self._lock:

@@ -241,7 +241,12 @@ class RemoteTier(Tier):
                 continue
             with self._lock:
                 self.book.touch(key)
-            out.append((True, sink(head, data)))
+            try:
+                out.append((True, sink(head, data)))
+            except ValueError as exc:  # the record does not fit the request (another geometry)
+                self.counters.errors += 1
+                log.debug("remote tier: chunk %s refused: %s", key, exc)
+                out.append((False, None))
         return out
 
     def delete(self, key: str) -> bool:
