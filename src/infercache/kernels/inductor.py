@@ -352,7 +352,7 @@ class _Scanner:
                 if kind in ("temp", "lock"):
                     self._noise(e.path, kind, st)
                 elif kind is not None:
-                    check = "binary" if kind == "vllm-artifact" else None
+                    check = {"vllm-artifact": "binary", "aot-model": "text"}.get(kind)
                     self.rows_for_file(e.path, e.name, kind, st, where_of(e.path), check)
             stack.extend(reversed(subdirs))
 
