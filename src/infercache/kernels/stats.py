@@ -161,6 +161,13 @@ def compute_stats(catalog: Catalog, flt: KernelFilter | None = None, top: int = 
     art = conn.execute(
         f"SELECT count(*), coalesce(sum(s.size), 0) FROM artifacts s WHERE {dir_where}", dir_params
     ).fetchone()
+    by_kind = {
+        r[0]: Group(r[1], r[2])
+        for r in conn.execute(
+            f"SELECT s.kind, count(*), coalesce(sum(s.size), 0) FROM artifacts s WHERE {dir_where} GROUP BY 1 ORDER BY 1",
+            dir_params,
+        )
+    }
     top_kernels = tuple(
         KernelHits(*r)
         for r in conn.execute(
