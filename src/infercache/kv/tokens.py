@@ -11,6 +11,7 @@ name, world size, worker id, the chunk hash, KV dtype and tags:
 
 from __future__ import annotations
 
+import array
 import hashlib
 import threading
 from collections import OrderedDict
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 HASH_VERSION = b"infercache-kv-chunk-v1"
 MEMO_SIZE = 16  # token sequences whose chunk keys are remembered
 MEMO_MIN_CHUNKS = 8
+_UINT32 = array.array("I")
 KEY_HASH_BYTES = 16  # hex digits in a key: 32 (128 bits of the 256-bit chain hash)
 
 
@@ -39,6 +41,11 @@ def to_token_array(tokens: Any) -> "np.ndarray":
     """A 1-D uint32 little-endian numpy array of the tokens (list, numpy array or CPU torch tensor)."""
     import numpy as np
 
+    if isinstance(tokens, (list, tuple)) and _UINT32.itemsize == 4:
+        try:  # the fast path for Python lists: array('I') converts and range-checks in C
+            return np.frombuffer(array.array("I", tokens), dtype="=u4").astype("<u4", copy=False)
+        except (OverflowError, TypeError):
+            pass  # negative, too large, floats, nested: the checks below name the problem
     if type(tokens).__module__.startswith("torch"):
         tokens = tokens.detach().cpu().numpy()
     arr = np.asarray(tokens)
