@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from infercache.kernels import indexer
+from infercache.kernels import entry_rows, index_workers, indexer
 from infercache.kernels.catalog import Catalog
 from infercache.testing.replicate import replicate_entry
 from tests.kernels.kutil import SAMPLE_ENTRIES, entries
@@ -58,16 +58,16 @@ def test_parallel_index_matches_serial(triton_cache: Path, tmp_path: Path, monke
                                        caplog: pytest.LogCaptureFixture) -> None:
     cache, bad = _mixed_cache(triton_cache, tmp_path)
     monkeypatch.setattr(indexer, "PARALLEL_MIN", 1)
-    monkeypatch.setattr(indexer, "CHUNK", 7)  # many chunks, several per worker
+    monkeypatch.setattr(index_workers, "CHUNK", 7)  # many chunks, several per worker
     monkeypatch.setattr(indexer, "BATCH", 20)  # writes interleave with chunks arriving
     used: list[int] = []
-    real = indexer._prepare_parallel
+    real = index_workers.prepare_parallel
 
     def spy(*args: Any) -> Any:
         used.append(args[-1])
         return real(*args)
 
-    monkeypatch.setattr(indexer, "_prepare_parallel", spy)
+    monkeypatch.setattr(index_workers, "prepare_parallel", spy)
     with Catalog(tmp_path / "serial.db") as cat:
         serial = indexer.index(cat, [cache], mode="triton", workers=1)
         serial_rows = _dump(cat)
@@ -97,7 +97,7 @@ def test_parallel_rescan_updates_in_place(triton_cache: Path, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A forced rescan through workers updates rows (same ids), and the next run is all unchanged."""
     monkeypatch.setattr(indexer, "PARALLEL_MIN", 1)
-    monkeypatch.setattr(indexer, "CHUNK", 5)
+    monkeypatch.setattr(index_workers, "CHUNK", 5)
     with Catalog(tmp_path / "c.db") as cat:
         first = indexer.index(cat, [triton_cache], mode="triton", workers=2)
         ids = dict(cat.conn.execute("SELECT path, id FROM entries").fetchall())
@@ -131,16 +131,16 @@ def test_no_workers_falls_back_to_parsing_here(triton_cache: Path, tmp_path: Pat
             pass
 
     parsed_here: list[str] = []
-    real_prepare = indexer._prepare
+    real_prepare = entry_rows.prepare
 
     def counting_prepare(path: str, *args: Any) -> Any:
         parsed_here.append(path)  # only calls in this process land here; a worker's would not
         return real_prepare(path, *args)
 
     monkeypatch.setattr(indexer, "PARALLEL_MIN", 1)
-    monkeypatch.setattr(indexer, "_prepare", counting_prepare)
+    monkeypatch.setattr(entry_rows, "prepare", counting_prepare)
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Refused)
-    with caplog.at_level(logging.DEBUG, logger="infercache.kernels.indexer"), Catalog(tmp_path / "c.db") as cat:
+    with caplog.at_level(logging.DEBUG, logger="infercache.kernels.index_workers"), Catalog(tmp_path / "c.db") as cat:
         s = indexer.index(cat, [triton_cache], mode="triton", workers=2)
         assert s.new == SAMPLE_ENTRIES
         assert cat.conn.execute("SELECT count(*) FROM entries").fetchone()[0] == SAMPLE_ENTRIES
@@ -149,5 +149,5 @@ def test_no_workers_falls_back_to_parsing_here(triton_cache: Path, tmp_path: Pat
     assert {os.path.basename(p) for p in parsed_here} >= {e.path.name for e in entries(triton_cache)}
     # The next run may use workers again (the guard was released).
     monkeypatch.undo()
-    assert indexer._PARALLEL.acquire(blocking=False)
-    indexer._PARALLEL.release()
+    assert index_workers._PARALLEL.acquire(blocking=False)
+    index_workers._PARALLEL.release()

@@ -45,11 +45,11 @@ def test_incremental_reads_only_changed_entries(triton_cache: Path, catalog: Cat
     os.replace(tmp, extra)
     shutil.rmtree(gone.path)
 
-    from infercache.kernels import indexer
+    from infercache.kernels import entry_rows
 
     parsed: list[Path] = []
-    real = indexer.scan
-    monkeypatch.setattr(indexer, "scan", lambda p, st=None: (parsed.append(Path(p)), real(p, st))[1])
+    real = entry_rows.scan
+    monkeypatch.setattr(entry_rows, "scan", lambda p, st=None: (parsed.append(Path(p)), real(p, st))[1])
     s = do_index(catalog, triton_cache)
     assert parsed == [changed.path]
     assert (s.new, s.updated, s.unchanged, s.removed) == (0, 1, SAMPLE_ENTRIES - 2, 1)

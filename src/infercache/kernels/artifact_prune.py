@@ -37,7 +37,7 @@ from infercache.kernels import artifacts as A
 from infercache.kernels.catalog import Catalog
 from infercache.kernels.prune import GARBAGE_MIN_AGE_S, PruneAction, PruneResult, _refresh
 from infercache.kernels.query import ArtifactRecord, KernelFilter, query, query_artifacts
-from infercache.kernels.triton_entry import _tree_size
+from infercache.kernels.triton_entry import tree_size
 from infercache.units import format_size
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def _whole_action(r: ArtifactRecord, root: Path, reason: str) -> PruneAction | N
         return None
     if stat.S_ISLNK(st.st_mode):
         return None
-    size = _tree_size(Path(r.path)) if stat.S_ISDIR(st.st_mode) else st.st_size
+    size = tree_size(Path(r.path)) if stat.S_ISDIR(st.st_mode) else st.st_size
     return PruneAction("dir" if stat.S_ISDIR(st.st_mode) else "path", Path(r.path), root, size, reason, r.key, r.kind)
 
 
@@ -206,7 +206,7 @@ def _plan_max_size(catalog: Catalog, flt: KernelFilter, rows: list[ArtifactRecor
             if isinstance(item, ArtifactRecord):
                 action = _whole_action(item, roots[root_s], "least recently used")
             else:
-                action = PruneAction("dir", item.path, roots[root_s], _tree_size(item.path), "least recently used",
+                action = PruneAction("dir", item.path, roots[root_s], tree_size(item.path), "least recently used",
                                      item.key, "kernel")
             if action is not None:
                 actions.append(action)
@@ -259,7 +259,7 @@ def execute_artifact_plan(plan: ArtifactPrunePlan, catalog: Catalog) -> PruneRes
                     paths += 1
                 removed += 1
             elif action.kind == "dir":
-                size = _tree_size(action.path)
+                size = tree_size(action.path)
                 shutil.rmtree(action.path)
                 freed += size
                 removed += 1

@@ -37,7 +37,7 @@ from infercache.errors import BadInputError, InfercacheError
 from infercache.fsutil import atomic_write_bytes, is_within
 from infercache.kernels.catalog import Catalog
 from infercache.kernels.query import KernelFilter, KernelRecord, metadata_of, query
-from infercache.kernels.triton_entry import IR_TYPES, _tree_size, group_children, group_file_bytes
+from infercache.kernels.triton_entry import IR_TYPES, tree_size, group_children, group_file_bytes
 from infercache.units import format_size
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def _root_of(path: Path, roots: tuple[Path, ...]) -> Path | None:
 def _dir_action(r: KernelRecord, roots: tuple[Path, ...], reason: str) -> PruneAction:
     # Rows were filtered to lie under one of `roots` (their indexed cache_root); execution
     # re-checks containment with symlinks resolved before deleting anything.
-    return PruneAction("dir", r.path, r.cache_root, _tree_size(r.path), reason, r.key, r.name)
+    return PruneAction("dir", r.path, r.cache_root, tree_size(r.path), reason, r.key, r.name)
 
 
 def _plan_ir(catalog: Catalog, r: KernelRecord, roots: tuple[Path, ...]) -> PruneAction | None:
@@ -307,7 +307,7 @@ def _plan_garbage(
             if now - st.st_mtime < min_age:
                 logger.info("keeping %s: younger than %ds (may be a compile in progress)", path, min_age)
                 continue
-            size = _tree_size(path) if stat.S_ISDIR(st.st_mode) else st.st_size
+            size = tree_size(path) if stat.S_ISDIR(st.st_mode) else st.st_size
             owner = Path(row["owner"]) if row["owner"] else None
             actions.append(PruneAction("path", path, root, size, f"{row['kind']}: {row['reason']}", owner=owner))
     return PrunePlan("garbage", tuple(actions), roots)
@@ -335,7 +335,7 @@ def execute_plan(plan: PrunePlan, catalog: Catalog) -> PruneResult:
     indexer re-checks every entry inside its own: a concurrent `index` can never write back
     a row for a directory this just deleted or changed.
     """
-    from infercache.kernels.indexer import refresh_paths
+    from infercache.kernels.entry_rows import refresh_paths
 
     known_roots = {r for r, _ in catalog.roots()}
     freed = removed = pruned = paths = 0
@@ -358,14 +358,14 @@ def execute_plan(plan: PrunePlan, catalog: Catalog) -> PruneResult:
                     freed += got
                     pruned += 1
                 elif action.kind == "dir":
-                    size = _tree_size(action.path)
+                    size = tree_size(action.path)
                     shutil.rmtree(action.path)
                     freed += size
                     removed += 1
                 else:
                     st = os.lstat(action.path)
                     if stat.S_ISDIR(st.st_mode):
-                        size = _tree_size(action.path)
+                        size = tree_size(action.path)
                         shutil.rmtree(action.path)
                     else:
                         size = st.st_size

@@ -347,7 +347,7 @@ def _parse(path_s: str, st: os.stat_result | None) -> EntryScan | NotAKernel:
     if stat.S_ISLNK(st.st_mode):
         return NotAKernel(Path(path_s), "symlink", "symbolic link (not followed)")
     if base.startswith(TMP_PREFIX):
-        return NotAKernel(Path(path_s), "garbage", "leftover of an interrupted write", _tree_size(Path(path_s)))
+        return NotAKernel(Path(path_s), "garbage", "leftover of an interrupted write", tree_size(Path(path_s)))
     if not stat.S_ISDIR(st.st_mode):
         if base.endswith(".autotune.json"):
             return NotAKernel(Path(path_s), "autotune", "autotune results", st.st_size)
@@ -397,7 +397,7 @@ def _classify(
 ) -> EntryScan | NotAKernel:
     if not files and not links:
         if leftovers:
-            return NotAKernel(Path(path_s), "garbage", "only leftovers of interrupted writes", _tree_size(Path(path_s)))
+            return NotAKernel(Path(path_s), "garbage", "only leftovers of interrupted writes", tree_size(Path(path_s)))
         if others:
             return NotAKernel(Path(path_s), "other", f"no files, only sub-directories: {', '.join(sorted(others)[:3])}")
         return NotAKernel(Path(path_s), "empty", "empty directory")
@@ -511,7 +511,7 @@ def _classify_groupless(path: Path, names: set[str], links: list[str], size: int
     return NotAKernel(path, "other", "no group or metadata file", size)
 
 
-def _tree_size(path: Path) -> int:
+def tree_size(path: Path) -> int:
     """Bytes of regular files under `path`, without following symlinks."""
     total = 0
     for dirpath, _dirs, filenames in os.walk(path, followlinks=False):
