@@ -5,7 +5,8 @@
 
 Figures (baselines measured in the same run, on the same bytes):
 - lookup of a fully cached 128k-token prompt (512 chunks of 256): the whole `Engine.lookup`
-  (target < 2 ms; repeated, and a first lookup whose chunk keys are not remembered yet) and
+  (target < 2 ms; repeated, and a first lookup whose chunk keys are not remembered yet);
+  `Pool.contains_many` of the 512 keys next to 512 `Pool.contains` calls (one lock each);
   the chained chunk hashing alone, next to sha256 over the raw token bytes once;
 - store + retrieve of a 7B-like chunk (32 layers x 2 x 256 tokens x 1024 hidden, fp16 =
   32 MiB): hot tier through the engine vs a dict of numpy copies (target >= 0.6x); disk tier
@@ -124,11 +125,16 @@ class Bench:
         first = median_time(lambda: engine.lookup(tokens), rounds, engine.db._memo.clear)
         as_list = tokens.tolist()
         whole_list = median_time(lambda: engine.lookup(as_list), max(3, rounds // 3))
+        keys = engine.db.keys(arr)
+        batched = median_time(lambda: engine.pool.contains_many(keys), rounds)
+        one_by_one = median_time(lambda: [engine.pool.contains(k) for k in keys], rounds)
         chain = median_time(lambda: engine.db.chunk_hashes(arr), rounds)
         raw = median_time(lambda: hashlib.sha256(arr.tobytes()).digest(), rounds)
         print(f"  Engine.lookup (numpy tokens)          {whole * 1e3:7.2f} ms   (target < 2 ms)")
         print(f"  Engine.lookup, keys not remembered    {first * 1e3:7.2f} ms   (a prompt's first lookup)")
         print(f"  Engine.lookup (list of ints)          {whole_list * 1e3:7.2f} ms")
+        print(f"  Pool.contains_many (512 keys)         {batched * 1e3:7.2f} ms   (one locked section)")
+        print(f"  baseline: 512 x Pool.contains         {one_by_one * 1e3:7.2f} ms   -> {one_by_one / batched:.1f}x")
         print(f"  chained chunk hashing alone (sha256)  {chain * 1e3:7.2f} ms")
         print(f"  baseline: sha256 of the raw bytes once {raw * 1e3:6.2f} ms   -> chain/raw {chain / raw:.2f}x")
         self.results["chain_ms"] = chain * 1e3

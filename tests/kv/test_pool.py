@@ -522,3 +522,55 @@ def test_open_with_prefault_sees_the_same_pool(make_pool) -> None:
         assert other.get("k") == b"x" * 70_000
         assert other.put("k2", b"y" * 9000)
     assert pool.get("k2") == b"y" * 9000 and pool.check().ok
+
+
+def test_contains_many_agrees_with_contains_key_by_key(make_pool) -> None:
+    """One locked section for many keys, with `contains`'s meaning: deleted, absent and expired
+    keys (pinned or not) are absent; order and duplicates kept; no hit or miss counted."""
+    import time
+
+    pool = make_pool(size="64K", block_size="1K")
+    long_key = "m" * 300  # kept with its data: looked up through the mapping, not the table
+    for key in ("a", "b", "deleted", "short", "pinned-short", long_key):
+        assert pool.put(key, b"v" * 10, ttl=0.05 if "short" in key else None)
+    assert pool.put(b"raw", b"bytes key")
+    assert pool.put("long-ttl", b"x", ttl=3600)
+    assert pool.pin("pinned-short")
+    assert pool.delete("deleted")
+    time.sleep(0.15)  # the 50 ms TTLs pass (not a timing assertion)
+    keys = ["a", "absent", "b", "deleted", "short", "pinned-short", long_key, b"raw", "raw", "long-ttl", "a"]
+    before = pool.stats()
+    got = pool.contains_many(keys)
+    # (a str key and a bytes key of the same bytes are one key, as for put and get)
+    assert got == [True, False, True, False, False, False, True, True, True, True, True]
+    assert got == [pool.contains(k) for k in keys]
+    after = pool.stats()
+    assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
+    assert pool.contains_many([]) == [] and pool.contains_many(iter(["b"])) == [True]
+    assert pool.info("short") is not None  # still there (only eviction removes it), yet absent
+    with pytest.raises(BadInputError):
+        pool.contains_many(["a", ""])
+    with pytest.raises(BadInputError, match="1024"):
+        pool.contains_many(["k" * 1025])
+    with pytest.raises(BadInputError):
+        pool.contains_many(["a", 42])  # type: ignore[list-item]
+
+
+def test_contains_many_sees_another_process_and_random_histories(make_pool) -> None:
+    """A writer in another process; then random puts/deletes/replacements: always `contains` key by key."""
+    import random
+
+    pool = make_pool(size="256K", block_size="1K", policy="lru")
+    _py(f"from infercache.kv import Pool\np = Pool.open({pool.name!r})\nfor i in range(0, 40, 2): p.put(f'k{{i}}', b'x')\n")
+    assert pool.contains_many([f"k{i}" for i in range(40)]) == [i % 2 == 0 for i in range(40)]
+    rng = random.Random(7)
+    universe = [f"r{i}" for i in range(300)]
+    for _ in range(600):
+        key = rng.choice(universe)
+        if rng.random() < 0.7:
+            pool.put(key, b"z" * rng.choice((1, 900, 3000)))  # a full pool evicts
+        else:
+            pool.delete(key)
+    sample = rng.sample(universe, 200) + ["k0", "k1"]
+    assert pool.contains_many(sample) == [pool.contains(k) for k in sample]
+    assert any(pool.contains_many(sample)) and not all(pool.contains_many(sample))

@@ -58,6 +58,20 @@ def key_info(key: Any) -> tuple[bytes, int, int]:
     return kb, flag, key_hash(kb)
 
 
+def key_infos(keys: Any) -> list[tuple[bytes, int, int]]:
+    """`key_info` of many keys, computed directly: a batch of fresh keys (a new prompt's chunks)
+    would pay the LRU cache's miss overhead on each and flush the keys callers repeat."""
+    out = []
+    blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+    for key in keys:
+        if type(key) is str and 0 < len(key) and len(kb := key.encode()) <= KEY_MAX:
+            flag = F_KEY_STR
+        else:  # bytes-likes, and the checks that raise
+            kb, flag = key_bytes(key)
+        out.append((kb, flag, from_bytes(blake2b(kb, digest_size=8).digest(), "little")))
+    return out
+
+
 def decode_key(kb: bytes, flags: int) -> str | bytes:
     """The key as the caller gave it: str when it was put as str."""
     return kb.decode(errors="replace") if flags & F_KEY_STR else kb

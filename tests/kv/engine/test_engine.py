@@ -66,6 +66,26 @@ def test_lookup_and_retrieve_stop_at_the_first_missing_chunk(make_engine) -> Non
     assert not mask.any() and out.shape[2] == 0
 
 
+def test_lookup_fills_hot_gaps_from_lower_tiers_in_chunk_order(make_engine) -> None:
+    """The hot tier answers for every chunk at once (`contains_many`); a chunk hot lacks comes
+    from disk, and the walk still stops at the first chunk that no tier has."""
+    engine = make_engine(disk=True, write_policy="write_through")
+    tokens = list(range(20))
+    engine.store(tokens, kv_for(20))
+    engine.flush()
+    keys = engine.db.keys(tokens)
+    engine.pool.delete(keys[1])
+    engine.pool.delete(keys[3])
+    assert engine.locate(tokens) == ["hot", "disk", "hot", "disk", "hot"]
+    assert engine.lookup(tokens) == 20
+    engine._tiers["disk"].delete(keys[3])
+    assert engine.locate(tokens) == ["hot", "disk", "hot"]
+    assert engine.lookup(tokens) == 12
+    engine.pool.delete(keys[0])
+    engine._tiers["disk"].delete(keys[0])
+    assert engine.locate(tokens) == [] and engine.lookup(tokens) == 0
+
+
 def test_store_skips_chunks_already_cached(make_engine) -> None:
     engine = make_engine()
     kv = kv_for(8)
