@@ -35,6 +35,7 @@ from infercache.errors import BadInputError
 from infercache.fsutil import is_within
 from infercache.kernels import artifacts as A
 from infercache.kernels.catalog import Catalog
+from infercache.kernels.indexer import index
 from infercache.kernels.prune import GARBAGE_MIN_AGE_S, PruneAction, PruneResult, _refresh
 from infercache.kernels.query import ArtifactRecord, KernelFilter, query, query_artifacts
 from infercache.kernels.triton_entry import tree_size
@@ -232,8 +233,6 @@ def _unsafe(path: Path, root: Path) -> str | None:
 
 def execute_artifact_plan(plan: ArtifactPrunePlan, catalog: Catalog) -> PruneResult:
     """Carry out `plan`, then re-index the roots it touched so the catalog matches the disk."""
-    from infercache.kernels.indexer import index
-
     known_roots = dict(catalog.roots())
     freed = removed = paths = 0
     skipped: list[tuple[str, str]] = []

@@ -27,6 +27,7 @@ from typing import Iterator, Mapping
 
 from infercache.kernels import artifacts as A
 from infercache.kernels.artifacts import ArtifactRow, VllmWhere
+from infercache.kernels.discovery import vllm_info_for
 
 logger = logging.getLogger(__name__)
 
@@ -313,8 +314,6 @@ class _Scanner:
 
     # --- vLLM tree ----------------------------------------------------------------------------
     def vllm(self) -> None:
-        from infercache.kernels.discovery import vllm_info_for
-
         def where_of(path: str) -> VllmWhere:
             info = vllm_info_for(Path(path))
             return VllmWhere(info.hash or None, info.rank or None, info.prefix)

@@ -36,6 +36,8 @@ from typing import Any, Mapping
 from infercache.errors import BadInputError, InfercacheError
 from infercache.fsutil import atomic_write_bytes, is_within
 from infercache.kernels.catalog import Catalog
+from infercache.kernels.entry_rows import refresh_paths
+from infercache.kernels.indexer import index
 from infercache.kernels.query import KernelFilter, KernelRecord, metadata_of, query
 from infercache.kernels.triton_entry import IR_TYPES, tree_size, group_children, group_file_bytes
 from infercache.units import format_size
@@ -139,8 +141,6 @@ class PrunePlan:
 
 def _refresh(catalog: Catalog, flt: KernelFilter) -> tuple[Path, ...]:
     """Re-index (incrementally) the roots in scope so the plan matches the disk; return them."""
-    from infercache.kernels.indexer import index
-
     known = dict(catalog.roots())
     if flt.cache_dirs:
         scope = []
@@ -335,8 +335,6 @@ def execute_plan(plan: PrunePlan, catalog: Catalog) -> PruneResult:
     indexer re-checks every entry inside its own: a concurrent `index` can never write back
     a row for a directory this just deleted or changed.
     """
-    from infercache.kernels.entry_rows import refresh_paths
-
     known_roots = {r for r, _ in catalog.roots()}
     freed = removed = pruned = paths = 0
     skipped: list[tuple[str, str]] = []
