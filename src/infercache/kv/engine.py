@@ -121,7 +121,8 @@ class Engine:
             self._tiers["disk"] = DiskTier(cfg.local_disk, int(cfg.local_disk_size), cfg.cache_policy,
                                            cfg.disk_writers, cfg.disk_queue)  # fmt: skip
         if cfg.remote_url:
-            self._tiers["remote"] = RemoteTier(cfg.remote_url, cfg.remote_size, cfg.cache_policy, cfg.remote_serde)
+            self._tiers["remote"] = RemoteTier(cfg.remote_url, cfg.remote_size, cfg.cache_policy, cfg.remote_serde,
+                                               own_prefix=self.db.key_prefix)  # fmt: skip
         if write_back:
             tiers = list(self._tiers.values())
             for upper, lower in zip(tiers, tiers[1:]):

@@ -127,3 +127,58 @@ def test_clear_remote_removes_only_this_models_keys(make_engine, redis_server) -
     client = redis_server.client()
     assert [client.exists(f"ickv:{{{k}}}:d") for k in ours.db.keys(list(range(8)))] == [0, 0]
     assert [client.exists(f"ickv:{{{k}}}:d") for k in other.db.keys(list(range(8)))] == [1, 1]
+
+
+def _remote_keys_of(client, engine, requests) -> list[int]:
+    return [client.exists(f"ickv:{{{engine.db.keys(r)[0]}}}:d") for r in requests]
+
+
+def test_remote_size_holds_across_a_restart(make_engine, redis_server) -> None:
+    """A restarted engine books what its model put before (sizes and expiries from the header
+    records) as older than anything it puts itself; another model's keys are not its own."""
+    chunk = kv_for(4, layers=4, hidden=64).nbytes + 64
+    cap = 4 * chunk
+    requests = [[i] * 4 for i in range(6)]
+    first = make_engine(remote_url=redis_server.url, remote_size=cap, model_name="restart")
+    other = make_engine(remote_url=redis_server.url, model_name="other")
+    for i in range(3):
+        first.store(requests[i], kv_for(4, layers=4, hidden=64, seed=i))
+    assert other.store(requests[0], kv_for(4, layers=4, hidden=64)) == 4
+    ttl_request = [9] * 4
+    first.store(ttl_request, kv_for(4, layers=4, hidden=64), metadata={"perplexity": 1000.0})  # to Redis, with a TTL
+    first.close()
+    second = make_engine(remote_url=redis_server.url, remote_size=cap, model_name="restart")
+    remote = second._tiers["remote"]
+    assert remote.adopted.wait(30)
+    client = redis_server.client()
+    ours = remote.keys(second.db.key_prefix)
+    assert set(ours) == {second.db.keys(r)[0] for r in requests[:3] + [ttl_request]}
+    assert second.stats().tiers["remote"].bytes == 4 * chunk
+    ttl_key = second.db.keys(ttl_request)[0]
+    assert remote.book.entries[ttl_key].expires == pytest.approx(time.time() + client.ttl(f"ickv:{{{ttl_key}}}:d"), abs=2)
+    for i in range(3, 6):
+        assert second.store(requests[i], kv_for(4, layers=4, hidden=64, seed=i)) == 4
+    present = _remote_keys_of(client, second, requests + [ttl_request])
+    assert present[3:6] == [1, 1, 1], "what this run put is newer than what the earlier run left"
+    assert sum(present[:3]) + present[6] == 1 and second.stats().tiers["remote"].evictions == 3
+    held = sum(client.strlen(f"ickv:{{{k}}}:d") + 64 for k in remote.keys(second.db.key_prefix))
+    assert held == cap == second.stats().tiers["remote"].bytes
+    assert _remote_keys_of(client, other, requests[:1]) == [1]  # not ours to evict
+
+
+def test_accounting_for_earlier_chunks_waits_for_redis(make_engine, redis_server) -> None:
+    """Redis down when the engine starts: the earlier chunks are booked after the first good round trip."""
+    redis_server.kill()
+    late = make_engine(remote_url=redis_server.url, model_name="late")
+    remote = late._tiers["remote"]
+    deadline = time.monotonic() + 30
+    while remote._adopt_state == "running":  # the first try fails (nothing listens)
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert not remote.adopted.is_set()
+    redis_server.start()
+    peer = make_engine(remote_url=redis_server.url, model_name="late")  # same model, another instance
+    assert peer.store(list(range(8)), kv_for(8)) == 8
+    assert late.lookup(list(range(8))) == 8  # from Redis; the round trip starts the accounting
+    assert remote.adopted.wait(30)
+    assert late.stats().tiers["remote"].bytes == peer.stats().tiers["remote"].bytes > 0

@@ -238,12 +238,15 @@ class Tracker:
     total: int = 0
     tick: int = 0
 
-    def add(self, key: str, size: int, expires: float = 0.0, extra: Any = None) -> None:
+    def add(self, key: str, size: int, expires: float = 0.0, extra: Any = None, oldest: bool = False) -> None:
+        """Record a chunk as just written; `oldest`: as older than every chunk written so far
+        (a chunk found from an earlier run: first to go under LRU and FIFO)."""
         self.tick += 1
+        tick = 0 if oldest else self.tick
         old = self.entries.get(key)
         if old is not None:
             self.total -= old.size
-        self.entries[key] = _Entry(size, self.tick, self.tick, 0, expires, old.pins if old else 0, extra)
+        self.entries[key] = _Entry(size, tick, tick, 0, expires, old.pins if old else 0, extra)
         self.total += size
 
     def touch(self, key: str) -> None:

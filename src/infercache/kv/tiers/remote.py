@@ -5,6 +5,10 @@ Two keys per chunk that share a hash tag (same cluster slot): ``ickv:{KEY}:d`` t
 and gets are pipelined; a TTL is ``SET ... EX``. The engine accounts for the bytes it put and
 evicts its own keys (policy order) to stay under `remote_size`.
 
+A restarted engine accounts for what its model (key prefix) put in earlier runs: a background
+thread SCANs its own keys once Redis answers (bounded: ADOPT_MAX_KEYS) and books them by their
+header records as older than anything put since, so `remote_size` holds across restarts.
+
 A Redis that is down or goes away never breaks the caller: every failure is counted, logged
 once per outage, and the tier answers "miss" until a backoff (0.5 s doubling to 30 s) has
 passed; then the next call tries again (redis-py reconnects) and the outage ends on success.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 import zlib
@@ -27,6 +32,13 @@ from infercache.kv.tiers.base import F_ZSTD, ChunkHeader, Sink, Tier, Tracker
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+ADOPT_MAX_KEYS = 262144  # chunks of earlier runs accounted for at most (a SCAN of a huge Redis stays bounded)
+ADOPT_BATCH = 1000  # keys per SCAN step and per pipelined read of header records
+
+
+def scan_pattern(prefix: str) -> str:
+    """SCAN MATCH pattern of the header records of chunk keys starting with `prefix` (glob characters escaped)."""
+    return "ickv:{" + re.sub(r"([\\*?\[\]])", r"\\\1", prefix) + "*}:m"
 
 
 def make_client(url: str, connect_timeout: float = 1.0, timeout: float = 5.0) -> Any:
@@ -61,13 +73,17 @@ def make_client(url: str, connect_timeout: float = 1.0, timeout: float = 5.0) ->
 class RemoteTier(Tier):
     name = "remote"
 
-    def __init__(self, url: str, size: int | None, policy: str, serde: str = "none") -> None:
+    def __init__(self, url: str, size: int | None, policy: str, serde: str = "none", own_prefix: str | None = None) -> None:
+        """`own_prefix`: the key prefix of this engine's model (world size, worker): keys under it
+        that an earlier run put are accounted for (see the module docstring); None: none are."""
         super().__init__()
         self.url = url
         self.capacity = size
         self.serde = serde
+        self.own_prefix = own_prefix
         self.book = Tracker(policy)
         self._client: Any = None
+        self._client_lock = threading.Lock()
         if not url.lower().startswith("redis-cluster://"):
             self._client = make_client(url)  # no connection yet; bad URLs fail here
         self._lock = threading.RLock()
@@ -75,14 +91,108 @@ class RemoteTier(Tier):
         self._backoff = 0.0
         self._in_outage = False
         self._staging: Any = None
+        #: set once the chunks of earlier runs are accounted for (at once when there is no own_prefix)
+        self.adopted = threading.Event()
+        self._adopt_state = "pending" if own_prefix is not None else "done"
+        self._adopt_lock = threading.Lock()
+        self._dropped: set[str] | None = None  # keys deleted while an adoption runs: not booked by it
+        self._closing = threading.Event()
+        self._adopter: threading.Thread | None = None
+        if own_prefix is None:
+            self.adopted.set()
+        elif self._client is not None:  # a cluster client connects when made: after its first good round trip
+            self._start_adoption()
 
     @property
     def client(self) -> Any:
         """The redis-py client; a cluster client is made on first use (it connects at creation,
         and an unreachable cluster must not stop the engine from starting)."""
         if self._client is None:
-            self._client = make_client(self.url)
+            with self._client_lock:
+                if self._client is None:
+                    self._client = make_client(self.url)
         return self._client
+
+    # --------------------------------------------------------------- chunks of earlier runs
+    def _start_adoption(self) -> None:
+        """Start the background adoption unless it ran, runs, or the tier is closing."""
+        with self._adopt_lock:
+            if self._adopt_state != "pending" or self._closing.is_set():
+                return
+            self._adopt_state = "running"
+        with self._lock:
+            self._dropped = set()
+        self._adopter = threading.Thread(target=self._adopt_in_background, name="kv-remote-adopt", daemon=True)
+        self._adopter.start()
+
+    def _adopt_in_background(self) -> None:
+        try:
+            self.adopt()
+        except Exception as exc:  # noqa: BLE001 - Redis not there yet: tried again after the next good round trip
+            log.debug("remote tier: accounting for earlier chunks failed (%s); will retry", exc)
+            with self._lock:
+                self._dropped = None
+            with self._adopt_lock:
+                self._adopt_state = "pending"
+            return
+        with self._adopt_lock:
+            self._adopt_state = "done"
+        self.adopted.set()
+
+    def adopt(self) -> tuple[int, int]:
+        """Book the chunks under `own_prefix` that Redis holds and this engine does not know:
+        (chunks, bytes) added. Their header records give the sizes and expiries; keys deleted
+        meanwhile, expired or not ours are skipped. Then evicts down to `remote_size`. Raises on
+        Redis errors (the caller retries)."""
+        if self.own_prefix is None:
+            return 0, 0
+        chunks = nbytes = seen = 0
+        batch: list[str] = []
+        for name in self.client.scan_iter(match=scan_pattern(self.own_prefix), count=ADOPT_BATCH):
+            text = name.decode() if isinstance(name, bytes) else name
+            batch.append(text[len("ickv:{") : -len("}:m")])
+            seen += 1
+            if len(batch) >= ADOPT_BATCH or seen >= ADOPT_MAX_KEYS:
+                added, size = self._adopt_batch(batch)
+                chunks, nbytes, batch = chunks + added, nbytes + size, []
+            if seen >= ADOPT_MAX_KEYS:
+                log.warning("remote tier: more than %d chunks under %r; accounting for the first %d only",
+                            ADOPT_MAX_KEYS, self.own_prefix, ADOPT_MAX_KEYS)  # fmt: skip
+                break
+            if self._closing.is_set():
+                break
+        added, size = self._adopt_batch(batch)
+        chunks, nbytes = chunks + added, nbytes + size
+        with self._lock:
+            self._dropped = None
+        if chunks:
+            log.info("remote tier: accounting for %d chunk(s), %d bytes, put by an earlier run", chunks, nbytes)
+        self._make_room(0, set())
+        return chunks, nbytes
+
+    def _adopt_batch(self, keys: list[str]) -> tuple[int, int]:
+        if not keys:
+            return 0, 0
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(self._names(key)[1])
+        metas = pipe.execute()
+        added = total = 0
+        now = time.time()
+        with self._lock:
+            dropped = self._dropped or set()
+            for key, meta in zip(keys, metas):
+                if meta is None or key in self.book.entries or key in dropped:
+                    continue
+                try:
+                    head, key_len = ChunkHeader.unpack(meta)
+                except Exception:  # noqa: BLE001 - not a chunk record of ours: not booked
+                    continue
+                if meta[64 : 64 + key_len] != key.encode() or head.expired(now):
+                    continue
+                self.book.add(key, head.stored_len + 64, head.expires, oldest=True)
+                added, total = added + 1, total + head.stored_len + 64
+        return added, total
 
     # --------------------------------------------------------------- failure handling
     def available(self) -> bool:
@@ -108,6 +218,8 @@ class RemoteTier(Tier):
             self._in_outage = False
             log.warning("remote tier is back")
         self._backoff = 0.0
+        if self._adopt_state == "pending":  # Redis answers now: account for earlier runs' chunks
+            self._start_adoption()
         return result
 
     @staticmethod
@@ -252,12 +364,16 @@ class RemoteTier(Tier):
     def delete(self, key: str) -> bool:
         with self._lock:
             self.book.remove(key)
+            if self._dropped is not None:
+                self._dropped.add(key)
         return bool(self._guard("delete", lambda: self.client.delete(*self._names(key)), 0))
 
     def delete_many(self, keys: list[str]) -> int:
         with self._lock:
             for key in keys:
                 self.book.remove(key)
+            if self._dropped is not None:
+                self._dropped.update(keys)
 
         def run() -> int:
             pipe = self.client.pipeline(transaction=False)
@@ -269,9 +385,7 @@ class RemoteTier(Tier):
 
     def keys(self, prefix: str = "") -> list[str]:
         """Chunk keys starting with `prefix` in Redis (every node of a cluster), plus what this engine put."""
-        import re
-
-        pattern = "ickv:{" + re.sub(r"([\\*?\[\]])", r"\\\1", prefix) + "*}:m"
+        pattern = scan_pattern(prefix)
 
         def run() -> list[str]:
             out = []
@@ -305,11 +419,14 @@ class RemoteTier(Tier):
         return self.book.total
 
     def close(self) -> None:
+        self._closing.set()  # a running adoption stops after its current SCAN step
         try:
             if self._client is not None:
                 self._client.close()
         except Exception:  # noqa: BLE001
             pass
+        if self._adopter is not None and self._adopter is not threading.current_thread():
+            self._adopter.join(timeout=5)
 
     def _make_room(self, size: int, incoming: set[str]) -> None:
         if self.capacity is None:
