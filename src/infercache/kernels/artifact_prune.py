@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from infercache.errors import BadInputError
-from infercache.fsutil import is_within
 from infercache.kernels import artifacts as A
 from infercache.kernels.catalog import Catalog
 from infercache.kernels.indexer import index
-from infercache.kernels.prune import GARBAGE_MIN_AGE_S, PruneAction, PruneResult, _refresh
+from infercache.kernels.prune import (GARBAGE_MIN_AGE_S, PruneAction, PrunePlan, PruneResult, check_strategy,
+                                     path_bytes, refresh_roots, remove_path, safe_target)
 from infercache.kernels.query import ArtifactRecord, KernelFilter, query, query_artifacts
 from infercache.kernels.triton_entry import tree_size
 from infercache.units import format_size
@@ -47,28 +45,13 @@ STRATEGIES = ("free", "full", "max_size")
 
 
 @dataclass(frozen=True)
-class ArtifactPrunePlan:
-    """What an artifact prune would do; `execute` carries it out. Dry runs print this."""
-
-    strategy: str
-    actions: tuple[PruneAction, ...]
-    roots: tuple[Path, ...]
-    notes: tuple[str, ...] = field(default=())
-
-    @property
-    def bytes_freed(self) -> int:
-        return sum(a.bytes for a in self.actions)
+class ArtifactPrunePlan(PrunePlan):
+    """A kernel prune plan's value and JSON, with artifact actions (their kind is the artifact's)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "strategy": self.strategy,
-            "artifacts": True,
-            "actions": [{**a.to_json(), "kind": a.name} for a in self.actions],
-            "count": len(self.actions),
-            "bytes_freed": self.bytes_freed,
-            "roots": [str(r) for r in self.roots],
-            "notes": list(self.notes),
-        }
+        out = super().to_json()
+        out["actions"] = [{**a.to_json(), "kind": a.name} for a in self.actions]
+        return {"strategy": out.pop("strategy"), "artifacts": True, **out}
 
     def execute(self, catalog: Catalog) -> PruneResult:
         return execute_artifact_plan(self, catalog)
@@ -124,7 +107,7 @@ def _whole_action(r: ArtifactRecord, root: Path, reason: str) -> PruneAction | N
         return None
     if stat.S_ISLNK(st.st_mode):
         return None
-    size = tree_size(Path(r.path)) if stat.S_ISDIR(st.st_mode) else st.st_size
+    size = path_bytes(Path(r.path), st)
     return PruneAction("dir" if stat.S_ISDIR(st.st_mode) else "path", Path(r.path), root, size, reason, r.key, r.kind)
 
 
@@ -161,13 +144,9 @@ def plan_artifact_prune(
     """Work out what an artifact prune would delete and the exact bytes; changes nothing."""
     flt = flt or KernelFilter()
     now = time.time() if now is None else now
-    if strategy not in STRATEGIES:
-        raise BadInputError(f"unknown artifact prune strategy {strategy!r} (expected {', '.join(STRATEGIES)})")
-    if strategy == "max_size" and (max_size is None or max_size < 0):
-        raise BadInputError("--max-size needs a size, e.g. 10G")
-    if any(v is not None for v in (flt.backend, flt.arch, flt.hits_lower, flt.hits_higher)):
-        raise BadInputError("--backend, --arch and hit filters apply to kernels, not to --artifacts")
-    roots = _refresh(catalog, flt) if refresh else tuple(r for r, _ in catalog.roots())
+    check_strategy("artifact prune", strategy, STRATEGIES, max_size)
+    flt.check_for_artifacts()
+    roots = refresh_roots(catalog, flt) if refresh else tuple(r for r, _ in catalog.roots())
     root_set = {str(r): r for r in roots}
     rows = [r for r in query_artifacts(catalog, flt, kinds=kinds, sort="modified:asc", now=now)
             if r.cache_root in root_set and r.path.startswith(r.cache_root.rstrip("/") + "/")]
@@ -217,20 +196,6 @@ def _plan_max_size(catalog: Catalog, flt: KernelFilter, rows: list[ArtifactRecor
     return actions, notes
 
 
-def _unsafe(path: Path, root: Path) -> str | None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return "already gone"
-    except OSError as exc:
-        return str(exc)
-    if stat.S_ISLNK(st.st_mode):
-        return "is a symbolic link"
-    if path == root or not is_within(path.parent, root):
-        return f"outside the cache root {root}"
-    return None
-
-
 def execute_artifact_plan(plan: ArtifactPrunePlan, catalog: Catalog) -> PruneResult:
     """Carry out `plan`, then re-index the roots it touched so the catalog matches the disk."""
     known_roots = dict(catalog.roots())
@@ -241,7 +206,7 @@ def execute_artifact_plan(plan: ArtifactPrunePlan, catalog: Catalog) -> PruneRes
         if action.root not in known_roots:
             skipped.append((str(action.path), f"{action.root} is not an indexed cache dir"))
             continue
-        why = _unsafe(action.path, action.root)
+        why = safe_target(action.path, action.root)
         if why:
             skipped.append((str(action.path), why))
             continue
@@ -258,9 +223,7 @@ def execute_artifact_plan(plan: ArtifactPrunePlan, catalog: Catalog) -> PruneRes
                     paths += 1
                 removed += 1
             elif action.kind == "dir":
-                size = tree_size(action.path)
-                shutil.rmtree(action.path)
-                freed += size
+                freed += remove_path(action.path)
                 removed += 1
             else:
                 size = _lsize(str(action.path))

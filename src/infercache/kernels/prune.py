@@ -139,7 +139,7 @@ class PrunePlan:
         return execute_plan(self, catalog)
 
 
-def _refresh(catalog: Catalog, flt: KernelFilter) -> tuple[Path, ...]:
+def refresh_roots(catalog: Catalog, flt: KernelFilter) -> tuple[Path, ...]:
     """Re-index (incrementally) the roots in scope so the plan matches the disk; return them."""
     known = dict(catalog.roots())
     if flt.cache_dirs:
@@ -159,6 +159,14 @@ def _refresh(catalog: Catalog, flt: KernelFilter) -> tuple[Path, ...]:
     return tuple(roots)
 
 
+def check_strategy(what: str, strategy: str, strategies: tuple[str, ...], max_size: int | None) -> None:
+    """A known strategy, and max_size comes with a size (kernel and artifact prunes alike)."""
+    if strategy not in strategies:
+        raise BadInputError(f"unknown {what} strategy {strategy!r} (expected one of {', '.join(strategies)})")
+    if strategy == "max_size" and (max_size is None or max_size < 0):
+        raise BadInputError("--max-size needs a size, e.g. 10G")
+
+
 def plan_prune(
     catalog: Catalog,
     flt: KernelFilter | None = None,
@@ -172,11 +180,8 @@ def plan_prune(
     """Work out what a prune would delete and how many bytes that frees; changes nothing."""
     flt = flt or KernelFilter()
     now = time.time() if now is None else now
-    if strategy not in STRATEGIES:
-        raise BadInputError(f"unknown prune strategy {strategy!r} (expected one of {', '.join(STRATEGIES)})")
-    if strategy == "max_size" and (max_size is None or max_size < 0):
-        raise BadInputError("--max-size needs a size, e.g. 10G")
-    roots = _refresh(catalog, flt) if refresh else tuple(r for r, _ in catalog.roots())
+    check_strategy("prune", strategy, STRATEGIES, max_size)
+    roots = refresh_roots(catalog, flt) if refresh else tuple(r for r, _ in catalog.roots())
     if strategy == "garbage":
         return _plan_garbage(catalog, flt, roots, garbage_min_age, now)
     root_set = {str(r) for r in roots}
@@ -307,13 +312,29 @@ def _plan_garbage(
             if now - st.st_mtime < min_age:
                 logger.info("keeping %s: younger than %ds (may be a compile in progress)", path, min_age)
                 continue
-            size = tree_size(path) if stat.S_ISDIR(st.st_mode) else st.st_size
+            size = path_bytes(path, st)
             owner = Path(row["owner"]) if row["owner"] else None
             actions.append(PruneAction("path", path, root, size, f"{row['kind']}: {row['reason']}", owner=owner))
     return PrunePlan("garbage", tuple(actions), roots)
 
 
-def _safe_target(path: Path, root: Path) -> str | None:
+def path_bytes(path: Path, st: os.stat_result) -> int:
+    """Bytes a file or a directory tree (`st`: its lstat) holds on disk; what deleting it frees."""
+    return tree_size(path) if stat.S_ISDIR(st.st_mode) else st.st_size
+
+
+def remove_path(path: Path) -> int:
+    """Delete a file or a whole directory tree (a link itself, never its target); the bytes freed."""
+    st = os.lstat(path)
+    size = path_bytes(path, st)
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+    return size
+
+
+def safe_target(path: Path, root: Path) -> str | None:
     """Why `path` must not be deleted, or None when it is safe (inside root, not a symlink)."""
     try:
         st = os.lstat(path)
@@ -343,7 +364,7 @@ def execute_plan(plan: PrunePlan, catalog: Catalog) -> PruneResult:
             skipped.append((str(action.path), f"{action.root} is not an indexed cache dir"))
             continue
         with catalog.transaction() as conn:
-            why = _safe_target(action.path, action.root)
+            why = safe_target(action.path, action.root)
             if why:
                 skipped.append((str(action.path), why))
                 continue
@@ -356,19 +377,10 @@ def execute_plan(plan: PrunePlan, catalog: Catalog) -> PruneResult:
                     freed += got
                     pruned += 1
                 elif action.kind == "dir":
-                    size = tree_size(action.path)
-                    shutil.rmtree(action.path)
-                    freed += size
+                    freed += remove_path(action.path)
                     removed += 1
                 else:
-                    st = os.lstat(action.path)
-                    if stat.S_ISDIR(st.st_mode):
-                        size = tree_size(action.path)
-                        shutil.rmtree(action.path)
-                    else:
-                        size = st.st_size
-                        os.unlink(action.path)
-                    freed += size
+                    freed += remove_path(action.path)
                     paths += 1
                     conn.execute("DELETE FROM skipped WHERE path = ?", (str(action.path),))
             except OSError as exc:

@@ -112,6 +112,11 @@ class KernelFilter:
             mode=None if mode in (None, "auto") else mode,
         )
 
+    def check_for_artifacts(self) -> None:
+        """Artifacts have no backend, arch or hit counts: filtering them on one is a mistake, not an empty result."""
+        if any(v is not None for v in (self.backend, self.arch, self.hits_lower, self.hits_higher)):
+            raise BadInputError("--backend, --arch and hit filters apply to kernels, not to --artifacts")
+
     def where(self, now: float | None = None) -> tuple[str, list[Any]]:
         """SQL condition (over `entries e LEFT JOIN usage u`) and its parameters."""
         now = time.time() if now is None else now
