@@ -1,30 +1,15 @@
-"""KV caches: named shared-memory pools (`Pool`) that many processes on a host attach to.
+"""KV caches: named shared-memory pools (`Pool`) that many processes on a host attach to, and the
+prefix-keyed chunk `Engine` over them.
 
-Imports are lazy so `import infercache.kv` stays cheap for the CLI.
+Importing this package stays cheap for the CLI: these modules import numpy, torch, redis and
+zstandard only inside the functions that need them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from infercache.kv.config import EngineConfig
+from infercache.kv.engine import Engine
+from infercache.kv.policies import POLICIES
+from infercache.kv.pool import CheckReport, Pool
 
 __all__ = ["Pool", "POLICIES", "CheckReport", "Engine", "EngineConfig"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "POLICIES":
-        from infercache.kv.policies import POLICIES
-
-        return POLICIES
-    if name in ("Pool", "CheckReport"):
-        from infercache.kv import pool
-
-        return getattr(pool, name)
-    if name == "Engine":
-        from infercache.kv.engine import Engine
-
-        return Engine
-    if name == "EngineConfig":
-        from infercache.kv.config import EngineConfig
-
-        return EngineConfig
-    raise AttributeError(f"module 'infercache.kv' has no attribute {name!r}")
