@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import functools
+import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, TypeVar
 
 import typer
 
@@ -48,28 +50,58 @@ KIND = typer.Option(None, "--kind", help="Artifact kind (repeatable): fxgraph, a
                                         "vllm-artifact, vllm-graph, aot-model.")
 
 
+#: The table/json switch of commands that print one result.
+FORMAT = typer.Option(OutputFormat.table, "--format", help="table or json.")
+DRY_RUN = typer.Option(False, "--dry-run", help="Print the plan and the bytes it frees; change nothing.")
+YES = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation.")
+
+#: The kernel filter flags (KernelFilter.build's keywords, their types and options) of `list` and `prune`.
+FILTER_FLAGS: tuple[tuple[str, Any, Any], ...] = (
+    ("name", Optional[str], NAME),
+    ("name_like", Optional[str], NAME_LIKE),
+    ("backend", Optional[str], BACKEND),
+    ("arch", Optional[str], ARCH),
+    ("older_than", Optional[str], OLDER),
+    ("younger_than", Optional[str], YOUNGER),
+    ("hits_lower", Optional[int], HIT_LOWER),
+    ("hits_higher", Optional[int], HIT_HIGHER),
+    ("cache_dirs", Optional[List[Path]], CACHE_DIRS),
+    ("mode", str, MODE),
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_filter(flags: Sequence[tuple[str, Any, Any]] = FILTER_FLAGS) -> Callable[[F], F]:
+    """Give a command the filter `flags` in place of its `flt` parameter, which gets them as one KernelFilter.
+
+    Why: `kernels list|prune` and `mcm list|prune` filter alike; the flags and their mapping onto
+    the library's filter are declared once. Typer reads the command's `__signature__`.
+    """
+
+    def decorate(func: F) -> F:
+        sig = inspect.signature(func, eval_str=True)
+        params = list(sig.parameters.values())
+        at = [p.name for p in params].index("flt")
+        added = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=opt, annotation=t)
+                 for n, t, opt in flags]
+        names = [n for n, _t, _o in flags]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {n: kwargs.pop(n) for n in names}
+            dirs = values.pop("cache_dirs", None)
+            dirs = [dirs] if isinstance(dirs, Path) else (dirs or ())
+            return func(*args, flt=KernelFilter.build(cache_dirs=dirs, **values), **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=params[:at] + added + params[at + 1:])  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
 def open_catalog(ctx: typer.Context) -> Any:
     return Catalog.open(global_options(ctx).data_dir)
-
-
-def build_filter(
-    *,
-    name: Optional[str],
-    name_like: Optional[str],
-    backend: Optional[str],
-    arch: Optional[str],
-    older_than: Optional[str],
-    younger_than: Optional[str],
-    hits_lower: Optional[int],
-    hits_higher: Optional[int],
-    cache_dirs: Optional[Sequence[Path]],
-    mode: Optional[str],
-) -> Any:
-    return KernelFilter.build(
-        name=name, name_like=name_like, backend=backend, arch=arch, older_than=older_than,
-        younger_than=younger_than, hits_lower=hits_lower, hits_higher=hits_higher,
-        cache_dirs=cache_dirs or (), mode=mode,
-    )
 
 
 def run_index(catalog: Any, cache_dirs: Optional[Sequence[Path]], mode: str, rescan: bool = False) -> Any:
@@ -79,10 +111,17 @@ def run_index(catalog: Any, cache_dirs: Optional[Sequence[Path]], mode: str, res
         return index(catalog, cache_dirs or None, mode=mode, progress=callback, rescan=rescan)
 
 
-def refresh_if_dirs(catalog: Any, cache_dirs: Optional[Sequence[Path]], mode: str) -> None:
+def refresh_if_dirs(catalog: Any, flt: KernelFilter) -> None:
     """`list`/`stats --cache-dir D`: bring D's rows up to date first (incremental, cheap)."""
-    if cache_dirs:
-        run_index(catalog, cache_dirs, mode)
+    if flt.cache_dirs:
+        run_index(catalog, flt.cache_dirs, flt.mode or "auto")
+
+
+def check_kinds(kind: Optional[Sequence[str]], artifacts: bool) -> tuple[str, ...]:
+    """--kind only goes with --artifacts; the kinds, normalised (a bad one is exit 2 before any work)."""
+    if kind and not artifacts:
+        raise BadInputError("--kind applies to artifacts: add --artifacts")
+    return normalise_kinds(kind)
 
 
 @app.command("index")
@@ -92,7 +131,7 @@ def index_command(
     cache_dir: Optional[List[Path]] = CACHE_DIRS,
     mode: str = MODE,
     rescan: bool = typer.Option(False, "--rescan", help="Re-read every entry, not only changed ones."),
-    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+    fmt: OutputFormat = FORMAT,
 ) -> None:
     """Scan cache dirs into the catalog (incremental: only changed entries are re-read)."""
     with open_catalog(ctx) as catalog:
@@ -150,18 +189,10 @@ def footer(records: Sequence[Any]) -> str:
 
 @app.command("list")
 @handle_errors
+@with_filter()
 def list_command(
     ctx: typer.Context,
-    name: Optional[str] = NAME,
-    name_like: Optional[str] = NAME_LIKE,
-    backend: Optional[str] = BACKEND,
-    arch: Optional[str] = ARCH,
-    older_than: Optional[str] = OLDER,
-    younger_than: Optional[str] = YOUNGER,
-    cache_hit_lower: Optional[int] = HIT_LOWER,
-    cache_hit_higher: Optional[int] = HIT_HIGHER,
-    cache_dir: Optional[List[Path]] = CACHE_DIRS,
-    mode: str = MODE,
+    flt: KernelFilter,
     sort: Optional[str] = typer.Option(None, "--sort", help="FIELD[:asc|desc]: name, size, modified, hits, "
                                                                "last_access, backend, arch, warps, version, key."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N rows."),
@@ -171,21 +202,14 @@ def list_command(
     kind: Optional[List[str]] = KIND,
 ) -> None:
     """List kernels in the catalog, filtered and sorted."""
-
-    flt = build_filter(name=name, name_like=name_like, backend=backend, arch=arch, older_than=older_than,
-                       younger_than=younger_than, hits_lower=cache_hit_lower, hits_higher=cache_hit_higher,
-                       cache_dirs=cache_dir, mode=mode)
-    if kind and not artifacts:
-        raise BadInputError("--kind applies to artifacts: add --artifacts")
+    kinds = check_kinds(kind, artifacts)
     if artifacts:
-        normalise_kinds(kind)  # bad kind → exit 2 before any work
-        if any(v is not None for v in (backend, arch, cache_hit_lower, cache_hit_higher)):
-            raise BadInputError("--backend, --arch and hit filters apply to kernels, not to --artifacts")
-        _list_artifacts(ctx, flt, cache_dir, mode, limit, fmt, kind or (), sort)
+        flt.check_for_artifacts()
+        _list_artifacts(ctx, flt, limit, fmt, kinds, sort)
         return
     parse_sort(sort)  # bad sort field → exit 2 before any work
     with open_catalog(ctx) as catalog:
-        refresh_if_dirs(catalog, cache_dir, mode)
+        refresh_if_dirs(catalog, flt)
         records = query(catalog, flt, sort=sort, limit=limit)
         empty_catalog = not records and not catalog.roots()
     if fmt == ListFormat.json:
@@ -203,13 +227,13 @@ def list_command(
             err_console.print("the catalog is empty: run `infercache kernels index` first", highlight=False)
 
 
-def _list_artifacts(ctx: typer.Context, flt: Any, cache_dir: Optional[Sequence[Path]], mode: str,
-                    limit: Optional[int], fmt: ListFormat, kinds: Sequence[str] = (), sort: Optional[str] = None) -> None:
+def _list_artifacts(ctx: typer.Context, flt: KernelFilter, limit: Optional[int], fmt: ListFormat,
+                    kinds: Sequence[str] = (), sort: Optional[str] = None) -> None:
     from rich.table import Table
 
 
     with open_catalog(ctx) as catalog:
-        refresh_if_dirs(catalog, cache_dir, mode)
+        refresh_if_dirs(catalog, flt)
         records = query_artifacts(catalog, flt, limit, kinds=kinds, sort=sort)
     if fmt == ListFormat.json:
         sys.stdout.write(json.dumps([r.to_json() for r in records]) + "\n")
@@ -317,25 +341,17 @@ def run_prune(ctx: typer.Context, flt: Any, strategy: str, max_size: Optional[in
 
 @app.command("prune")
 @handle_errors
+@with_filter()
 def prune_command(
     ctx: typer.Context,
-    name: Optional[str] = NAME,
-    name_like: Optional[str] = NAME_LIKE,
-    backend: Optional[str] = BACKEND,
-    arch: Optional[str] = ARCH,
-    older_than: Optional[str] = OLDER,
-    younger_than: Optional[str] = YOUNGER,
-    cache_hit_lower: Optional[int] = HIT_LOWER,
-    cache_hit_higher: Optional[int] = HIT_HIGHER,
-    cache_dir: Optional[List[Path]] = CACHE_DIRS,
-    mode: str = MODE,
+    flt: KernelFilter,
     full: bool = typer.Option(False, "--full", help="Delete whole entry directories."),
     deduplicate: bool = typer.Option(False, "--deduplicate", help="Keep only the newest of identical kernels."),
     max_size: Optional[str] = typer.Option(None, "--max-size", help="Delete least recently used until this fits."),
     garbage: bool = typer.Option(False, "--garbage", help="Stale tmp.pid_* dirs, empty dirs, orphan files."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and the bytes it frees; change nothing."),
-    yes: bool = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation."),
-    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+    dry_run: bool = DRY_RUN,
+    yes: bool = YES,
+    fmt: OutputFormat = FORMAT,
     artifacts: bool = typer.Option(False, "--artifacts", help="Prune compile-cache artifacts (Inductor, vLLM): by "
                                    "default only what Inductor rewrites for free; --full whole artifacts; "
                                    "--max-size LRU over kernels and artifacts of each cache dir."),
@@ -344,15 +360,11 @@ def prune_command(
     """Reclaim space: IR files only by default (kernels stay cache hits), or another strategy."""
 
     strategy, size = choose_strategy(full, deduplicate, max_size, garbage)
-    if kind and not artifacts:
-        raise BadInputError("--kind applies to artifacts: add --artifacts")
+    kinds = check_kinds(kind, artifacts)
     if artifacts and strategy in ("deduplicate", "garbage"):
         raise BadInputError(f"--{strategy} applies to kernels; with --artifacts use --full or --max-size "
                             "(the default removes stale locks and temp files)")
-    flt = build_filter(name=name, name_like=name_like, backend=backend, arch=arch, older_than=older_than,
-                       younger_than=younger_than, hits_lower=cache_hit_lower, hits_higher=cache_hit_higher,
-                       cache_dirs=cache_dir, mode=mode)
-    run_prune(ctx, flt, strategy, size, dry_run, yes, fmt, artifacts, normalise_kinds(kind))
+    run_prune(ctx, flt, strategy, size, dry_run, yes, fmt, artifacts, kinds)
 
 
 @app.command("stats")
@@ -361,15 +373,14 @@ def stats_command(
     ctx: typer.Context,
     cache_dir: Optional[List[Path]] = CACHE_DIRS,
     mode: str = MODE,
-    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+    fmt: OutputFormat = FORMAT,
     zero: bool = typer.Option(False, "--zero", help="Reset the hit/miss counters (after showing them)."),
 ) -> None:
     """Totals by backend, arch, Triton version and file type; reclaimable IR bytes; hit rate."""
 
-    flt = build_filter(name=None, name_like=None, backend=None, arch=None, older_than=None, younger_than=None,
-                       hits_lower=None, hits_higher=None, cache_dirs=cache_dir, mode=mode)
+    flt = KernelFilter.build(cache_dirs=cache_dir or (), mode=mode)
     with open_catalog(ctx) as catalog:
-        refresh_if_dirs(catalog, cache_dir, mode)
+        refresh_if_dirs(catalog, flt)
         stats = compute_stats(catalog, flt)
         if zero:
 

@@ -28,7 +28,7 @@ from infercache.kernels.container_warm import (
     DEFAULT_OUTPUT,
     DEFAULT_VLLM_CACHE_DIR,
 )
-from infercache.kernels.query import iso, query
+from infercache.kernels.query import KernelFilter, iso, query
 from infercache.units import format_size
 
 app = typer.Typer(
@@ -66,30 +66,18 @@ def index_command(ctx: typer.Context, cache_dir: Optional[Path] = CACHE_DIR, mod
     console.print(summary.line(), highlight=False)
 
 
-def _filter(name, backend, arch, older_than, younger_than, lower, higher, cache_dir, mode):  # type: ignore[no-untyped-def]
-    return k.build_filter(name=name, name_like=None, backend=backend, arch=arch, older_than=older_than,
-                          younger_than=younger_than, hits_lower=lower, hits_higher=higher,
-                          cache_dirs=_dirs(cache_dir), mode=mode)
+#: MCM's filter flags: kernels' without --name-like, one --cache-dir and MCM's --mode wording.
+FILTER_FLAGS = tuple(f for f in k.FILTER_FLAGS if f[0] not in ("name_like", "cache_dirs", "mode")) + (
+    ("cache_dirs", Optional[Path], CACHE_DIR), ("mode", str, MODE))
 
 
 @app.command("list")
 @handle_errors
-def list_command(
-    ctx: typer.Context,
-    name: Optional[str] = k.NAME,
-    backend: Optional[str] = k.BACKEND,
-    arch: Optional[str] = k.ARCH,
-    older_than: Optional[str] = k.OLDER,
-    younger_than: Optional[str] = k.YOUNGER,
-    cache_hit_lower: Optional[int] = k.HIT_LOWER,
-    cache_hit_higher: Optional[int] = k.HIT_HIGHER,
-    cache_dir: Optional[Path] = CACHE_DIR,
-    mode: str = MODE,
-) -> None:
+@k.with_filter(FILTER_FLAGS)
+def list_command(ctx: typer.Context, flt: KernelFilter) -> None:
     """List kernels (MCM's columns: Hash, Name, Hits, Last Access, Backend, Arch, Version, Warps, Total Size, Dir)."""
-    flt = _filter(name, backend, arch, older_than, younger_than, cache_hit_lower, cache_hit_higher, cache_dir, mode)
     with k.open_catalog(ctx) as catalog:
-        k.refresh_if_dirs(catalog, _dirs(cache_dir), mode)
+        k.refresh_if_dirs(catalog, flt)
         records = query(catalog, flt)
     table = Table(header_style="bold")
     for col in ("Hash", "Name", "Hits", "Last Access", "Backend", "Arch", "Version", "Warps", "Total Size", "Dir"):
@@ -105,25 +93,17 @@ def list_command(
 
 @app.command("prune")
 @handle_errors
+@k.with_filter(FILTER_FLAGS)
 def prune_command(
     ctx: typer.Context,
-    name: Optional[str] = k.NAME,
-    backend: Optional[str] = k.BACKEND,
-    arch: Optional[str] = k.ARCH,
-    older_than: Optional[str] = k.OLDER,
-    younger_than: Optional[str] = k.YOUNGER,
-    cache_hit_lower: Optional[int] = k.HIT_LOWER,
-    cache_hit_higher: Optional[int] = k.HIT_HIGHER,
-    cache_dir: Optional[Path] = CACHE_DIR,
-    mode: str = MODE,
+    flt: KernelFilter,
     full: bool = typer.Option(False, "--full", help="Delete entire kernel directories (default: only IR files)."),
     deduplicate: bool = typer.Option(False, "--deduplicate", help="Keep only the newest copy of duplicate kernels."),
-    yes: bool = typer.Option(False, "-y", "--yes", help="Skip the confirmation prompt."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; change nothing."),
+    yes: bool = k.YES,
+    dry_run: bool = k.DRY_RUN,
 ) -> None:
     """Prune kernels: IR files by default, `--full` directories, or `--deduplicate`."""
     strategy, _ = k.choose_strategy(full, deduplicate, None, False)
-    flt = _filter(name, backend, arch, older_than, younger_than, cache_hit_lower, cache_hit_higher, cache_dir, mode)
     k.run_prune(ctx, flt, strategy, None, dry_run, yes, OutputFormat.table)
 
 
