@@ -26,7 +26,6 @@ retried at the next flush.
 from __future__ import annotations
 
 import atexit
-import base64
 import logging
 import os
 import threading
@@ -36,6 +35,7 @@ from typing import Any, Callable, Dict, Optional
 from triton.runtime.cache import FileCacheManager
 
 from infercache.kernels.catalog import Catalog, catalog_path
+from infercache.kernels.triton_entry import key_for_hash
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class _CompileTimeListener:
         if not cache_hit:
             try:
                 micros = times.ir_initialization + sum(d for _, d in times.lowering_stages) + times.store_results
-                key = base64.b32encode(bytes.fromhex(metadata["hash"])).decode().rstrip("=")
+                key = key_for_hash(metadata["hash"])
                 _BUFFER.add(key, compile_time_s=micros / 1e6)
             except Exception as exc:  # noqa: BLE001 - a Triton that reports differently
                 logger.debug("infercache: no compile time from the listener: %s", exc)

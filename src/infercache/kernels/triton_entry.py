@@ -14,6 +14,7 @@ deleted through.
 
 from __future__ import annotations
 
+import base64
 import errno
 import json
 import json.scanner
@@ -108,6 +109,11 @@ class NotAKernel:
     kind: str
     reason: str
     size: int = 0
+
+
+def key_for_hash(hash_hex: str) -> str:
+    """Triton's directory name for a compiled kernel's hex hash: RFC 4648 base32 without padding."""
+    return base64.b32encode(bytes.fromhex(hash_hex)).decode().rstrip("=")
 
 
 def group_children(group_json: Mapping[str, Any]) -> list[str]:

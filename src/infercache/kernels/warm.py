@@ -18,7 +18,6 @@ others go on.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import os
@@ -31,6 +30,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from infercache import paths
 from infercache.errors import BadInputError, InfercacheError
 from infercache.gpu.targets import GpuTarget, cuda_arch_base
+from infercache.kernels.triton_entry import key_for_hash
 from infercache.kernels.warm_spec import (
     KernelSpec,
     WarmSpec,
@@ -211,33 +211,40 @@ def _backend(target: str) -> Any:
         raise BadInputError(f"target {target}: Triton cannot compile for it here: {exc}") from None
 
 
-def _key(hash_hex: str) -> str:
-    return base64.b32encode(bytes.fromhex(hash_hex)).decode().rstrip("=")
+@contextlib.contextmanager
+def compile_outcomes() -> Iterator[list[bool]]:
+    """Triton's `cache_hit` of each compile in the block, in order (its compilation listener, put back after).
 
-
-def run_task(task: WarmTask, cache_dir: str) -> WarmEntry | WarmFailure:
-    """Compile one task through Triton's launch path (in a worker process)."""
+    Why: Triton says whether a compile hit its cache only through this listener.
+    """
     import triton
 
-    os.environ["TRITON_CACHE_DIR"] = cache_dir  # Triton reads it at each compile
-    outcome: dict[str, bool] = {}
+    hits: list[bool] = []
 
     def listener(*, cache_hit: bool, **_: Any) -> None:
-        outcome["hit"] = cache_hit
+        hits.append(cache_hit)
 
     previous = triton.knobs.compilation.listener
     triton.knobs.compilation.listener = listener
     try:
+        yield hits
+    finally:
+        triton.knobs.compilation.listener = previous
+
+
+def run_task(task: WarmTask, cache_dir: str) -> WarmEntry | WarmFailure:
+    """Compile one task through Triton's launch path (in a worker process)."""
+    os.environ["TRITON_CACHE_DIR"] = cache_dir  # Triton reads it at each compile
+    try:
         fn = resolve_fn(task.kernel, task.base_dir)
         kwargs = launch_kwargs(task.kernel, fn, task.constexprs, task.options)
-        with target_driver(task.target):
+        with target_driver(task.target), compile_outcomes() as hits:
             compiled = fn.run(grid=(1,), warmup=True, **kwargs)
-        return WarmEntry(_key(compiled.hash), compiled.name, task.target, task.label, outcome.get("hit", True))
+        hit = hits[-1] if hits else True  # no compile at all: found in Triton's in-memory cache
+        return WarmEntry(key_for_hash(compiled.hash), compiled.name, task.target, task.label, hit)
     except Exception as exc:  # noqa: BLE001 - reported with the compiler's message; the others go on
         message = str(exc).strip() or type(exc).__name__
         return WarmFailure(task.label, task.target, f"{type(exc).__name__}: {message}")
-    finally:
-        triton.knobs.compilation.listener = previous
 
 
 def _worker_init() -> None:

@@ -8,19 +8,14 @@ file paths pointing into the new directory.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
-from infercache.kernels.triton_entry import GROUP_PREFIX, group_children, group_file_bytes
+from infercache.kernels.triton_entry import GROUP_PREFIX, group_children, group_file_bytes, key_for_hash
 
-
-def key_for_hash(digest: str) -> str:
-    """Triton's directory name for a 64-hex sha256: RFC 4648 base32 without padding."""
-    return base64.b32encode(bytes.fromhex(digest)).decode().rstrip("=")
 
 
 def replicate_entry(entry: Path, dest_parent: Path, salt: str, link: bool = False) -> Path:

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from infercache.kernels.triton_entry import key_for_hash
+from infercache.kernels.warm import compile_outcomes
+
 logger = logging.getLogger(__name__)
 
 #: The targets the reference says compile without a GPU on Triton 3.x.
@@ -131,32 +134,20 @@ def compile_sample(
     num_stages: int = 3,
 ) -> CompileResult:
     """Compile one sample kernel into `cache_dir` and report whether it was a cache hit."""
-    import base64
-
     import triton
     from triton.compiler import ASTSource
 
     fn, signature, constexprs = _kernel(kernel)
     cache_path = Path(cache_dir).resolve()
     cache_path.mkdir(parents=True, exist_ok=True)
-    outcome: dict[str, bool] = {}
-
-    def listener(*, cache_hit: bool, **_: Any) -> None:
-        outcome["hit"] = cache_hit
-
-    previous = triton.knobs.compilation.listener
-    triton.knobs.compilation.listener = listener
-    try:
-        with _cache_dir(cache_path):
-            compiled = triton.compile(
-                ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                target=gpu_target(target),
-                options={"num_warps": num_warps, "num_stages": num_stages},
-            )
-    finally:
-        triton.knobs.compilation.listener = previous
-    key = base64.b32encode(bytes.fromhex(compiled.hash)).decode().rstrip("=")
-    return CompileResult(kernel, target, outcome.get("hit", False), key, cache_path / key)
+    with _cache_dir(cache_path), compile_outcomes() as hits:
+        compiled = triton.compile(
+            ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+            target=gpu_target(target),
+            options={"num_warps": num_warps, "num_stages": num_stages},
+        )
+    key = key_for_hash(compiled.hash)
+    return CompileResult(kernel, target, bool(hits and hits[-1]), key, cache_path / key)
 
 
 def build_sample_cache(
