@@ -14,6 +14,7 @@ from __future__ import annotations
 import array
 import hashlib
 import threading
+import zlib
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
     import numpy as np
 
 HASH_VERSION = b"infercache-kv-chunk-v1"
-MEMO_SIZE = 16  # token sequences whose chunk keys are remembered
+MEMO_SIZE = 16  # token sequences whose chunk keys are remembered ...
+MEMO_TOKENS = 4 << 20  # ... holding at most this many tokens in all (16 MiB of copies)
 MEMO_MIN_CHUNKS = 8
 _UINT32 = array.array("I")
 KEY_HASH_BYTES = 16  # hex digits in a key: 32 (128 bits of the 256-bit chain hash)
@@ -113,7 +115,9 @@ class TokenDatabase:
             encoded = tag.encode()
             root.update(len(encoded).to_bytes(4, "little") + encoded)
         self.root_hash = root.digest()
-        self._memo: OrderedDict[bytes, list[Chunk]] = OrderedDict()
+        # (length, crc32) -> (a copy of the tokens, their chunks); the copy makes a hit exact
+        self._memo: OrderedDict[tuple[int, int], tuple[Any, list[Chunk]]] = OrderedDict()
+        self._memo_tokens = 0
         self._memo_lock = threading.Lock()
 
     def chunk_hashes(self, tokens: "np.ndarray", limit: int | None = None) -> list[bytes]:
@@ -138,31 +142,43 @@ class TokenDatabase:
     def chunks(self, tokens: "np.ndarray", start: int = 0) -> list[Chunk]:
         """Chunks covering tokens from chunk-aligned `start`; keys chain over the whole prefix.
 
-        Long sequences are remembered (a few, by a digest of their bytes): a prompt is usually
-        looked up, then retrieved, then stored, and the chain is computed once for the three.
+        Long sequences are remembered (a few): a prompt is usually looked up, then retrieved,
+        then stored, and the chain is computed once for the three. A remembered sequence is
+        found by length and crc32 (a quarter of a sha256 of the tokens, which a first lookup
+        would pay for nothing) and confirmed by comparing the tokens themselves.
         """
+        import numpy as np
+
         cs = self.chunk_size
         n = len(tokens)
         first = start // cs
         memo_key = None
         if n >= MEMO_MIN_CHUNKS * cs:
-            memo_key = hashlib.sha256(tokens.view("u1")).digest()
+            memo_key = (n, zlib.crc32(tokens.view("u1")))
             with self._memo_lock:
                 hit = self._memo.get(memo_key)
-                if hit is not None:
+                if hit is not None and np.array_equal(hit[0], tokens):
                     self._memo.move_to_end(memo_key)
-                    return hit[first:]
+                    return hit[1][first:]
         pre, suf = self.key_prefix, self.key_suffix
         out = [
             Chunk(s, s + cs if s + cs <= n else n, pre + d[:KEY_HASH_BYTES].hex() + suf)
             for s, d in zip(range(0, n, cs), self.chunk_hashes(tokens))
         ]
-        if memo_key is not None:
+        if memo_key is not None and n <= MEMO_TOKENS:
             with self._memo_lock:
-                self._memo[memo_key] = out
-                if len(self._memo) > MEMO_SIZE:
-                    self._memo.popitem(last=False)
+                old = self._memo.pop(memo_key, None)  # a crc32 collision: the newer sequence wins
+                self._memo_tokens += n - (len(old[0]) if old is not None else 0)
+                self._memo[memo_key] = (tokens.copy(), out)
+                while self._memo and (len(self._memo) > MEMO_SIZE or self._memo_tokens > MEMO_TOKENS):
+                    self._memo_tokens -= len(self._memo.popitem(last=False)[1][0])
         return out[first:]
+
+    def forget(self) -> None:
+        """Drop the remembered sequences (what a prompt's first lookup sees; for benchmarks)."""
+        with self._memo_lock:
+            self._memo.clear()
+            self._memo_tokens = 0
 
     def keys(self, tokens: Any) -> list[str]:
         """Cache keys of a token sequence (any accepted token form)."""

@@ -124,3 +124,27 @@ def test_remembered_chunk_keys_match_fresh_ones() -> None:
     assert first == fresh and again == fresh[2:] and len(db._memo) == 1
     other = to_token_array([7] + list(range(1, 50)))
     assert db.chunks(other)[0].key != first[0].key and len(db._memo) == 2
+
+
+def test_remembered_keys_are_exact_under_a_checksum_collision_and_bounded(monkeypatch) -> None:
+    """The memo finds a sequence by length and crc32 but confirms it token by token: two
+    sequences with the same checksum still get their own keys. It holds MEMO_TOKENS at most."""
+    from infercache.kv import tokens as tokens_module
+
+    monkeypatch.setattr(tokens_module.zlib, "crc32", lambda data: 7)  # every sequence collides
+    db = TokenDatabase(4, "m")
+    a = to_token_array(list(range(40)))
+    b = to_token_array([9] + list(range(1, 40)))
+    fresh = TokenDatabase(4, "m")
+    for _ in range(2):
+        assert db.chunks(a) == fresh.chunks(a)
+        assert db.chunks(b) == fresh.chunks(b)
+    assert len(db._memo) == 1  # the newer one replaced the older one in the slot
+    monkeypatch.undo()
+    monkeypatch.setattr(tokens_module, "MEMO_TOKENS", 100)
+    small = TokenDatabase(4, "m")
+    for i in range(5):
+        small.chunks(to_token_array([i] * 40))
+    assert len(small._memo) == 2 and small._memo_tokens == 80
+    small.chunks(to_token_array([0] * 200))  # longer than the whole memo: not remembered
+    assert len(small._memo) == 2 and small._memo_tokens == 80
