@@ -118,15 +118,16 @@ def _looks_like_entry(entry: os.DirEntry[str]) -> bool:
     return _TRITON_KEY_RE.match(entry.name) is not None
 
 
-def _check_root(root: Path) -> Path:
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise BadInputError(f"cache directory does not exist: {root}")
-    if not root.is_dir():
-        raise BadInputError(f"not a directory: {root}")
-    if not os.access(root, os.R_OK | os.X_OK):
-        raise BadInputError(f"cache directory is not readable: {root}")
-    return root.resolve()
+def check_root(root: str | os.PathLike[str]) -> Path:
+    """A cache dir the user named, resolved: it must exist, be a directory and be readable (else exit 2)."""
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise BadInputError(f"cache directory does not exist: {path}")
+    if not path.is_dir():
+        raise BadInputError(f"not a directory: {path}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise BadInputError(f"cache directory is not readable: {path}")
+    return path.resolve()
 
 
 def _check_mode(mode: str, allow_auto: bool = True) -> str:
@@ -143,7 +144,7 @@ def _is_inductor_triton_dir(path: Path) -> bool:
 
 def detect_mode(root: Path) -> str:
     """"triton" | "vllm" | "inductor", from what is on disk (bounded probe, never follows links)."""
-    root = _check_root(root)
+    root = check_root(root)
     if "torch_compile_cache" in root.parts or "torch_aot_compile" in root.parts:
         return "vllm"
     children = _scandir(root, sort=False)
@@ -200,7 +201,7 @@ def default_cache_dirs(mode: str = "auto") -> list[Path]:
 def discover(root: Path, mode: str = "auto") -> Iterator[TritonCacheDir | VllmArtifact]:
     """Yield every Triton cache directory (and vLLM opaque artifact) under `root`, sorted, once each."""
     _check_mode(mode)
-    root = _check_root(root)
+    root = check_root(root)
     if mode == "auto":
         mode = detect_mode(root)
         logger.info("detected %s cache layout in %s", mode, root)

@@ -102,17 +102,7 @@ class IndexSummary:
 def resolve_roots(cache_dirs: Sequence[str | os.PathLike[str]] | None, mode: str) -> list[Path]:
     """The cache dirs to index: the given ones (must exist), else the mode's defaults."""
     if cache_dirs:
-        roots = []
-        for d in cache_dirs:
-            p = Path(d).expanduser()
-            if not p.exists():
-                raise BadInputError(f"cache directory does not exist: {p}")
-            if not p.is_dir():
-                raise BadInputError(f"not a directory: {p}")
-            if not os.access(p, os.R_OK | os.X_OK):
-                raise BadInputError(f"cache directory is not readable: {p}")
-            roots.append(p.resolve())
-        return list(dict.fromkeys(roots))
+        return list(dict.fromkeys(discovery.check_root(d) for d in cache_dirs))
     defaults = discovery.default_cache_dirs(mode)
     found = [p for p in defaults if p.is_dir()]
     if not found:

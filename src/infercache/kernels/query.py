@@ -20,6 +20,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 from infercache.errors import BadInputError
 from infercache.gpu.targets import arch_name, normalize_backend
 from infercache.kernels.catalog import Catalog
+from infercache.kernels.discovery import check_root
 from infercache.units import parse_duration
 
 MODES = ("auto", "triton", "vllm", "inductor")
@@ -93,12 +94,7 @@ class KernelFilter:
         for label, n in (("--cache-hit-lower", hits_lower), ("--cache-hit-higher", hits_higher)):
             if n is not None and n < 0:
                 raise BadInputError(f"{label} must not be negative: {n}")
-        dirs = []
-        for d in cache_dirs:
-            p = Path(d).expanduser()
-            if not p.is_dir():
-                raise BadInputError(f"cache directory does not exist: {p}")
-            dirs.append(p.resolve())
+        dirs = [check_root(d) for d in cache_dirs]
         return cls(
             name=name or None,
             name_like=name_like or None,
