@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +25,13 @@ def require_tool(name: str, apt_package: str | None = None) -> str:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def require_module(name: str) -> Any:
+    """Import `name`; under CI=true a missing module fails (the test set-up installs it), elsewhere it skips."""
+    if os.environ.get("CI") == "true":
+        return importlib.import_module(name)
+    return pytest.importorskip(name)
 
 
 def copy_triton_cache(src: Path, dest: Path) -> Path:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.helpers import require_module
+
 from infercache.kv import Engine, EngineConfig
 from tests.kv.engine.conftest import kv_for
 
@@ -25,7 +27,7 @@ def test_numpy_round_trip_keeps_dtype(make_engine, dtype: str) -> None:
 
 @pytest.mark.parametrize("name", ["float16", "bfloat16", "float32", "float8_e4m3fn", "float8_e5m2"])
 def test_torch_round_trip_keeps_kind_and_dtype(make_engine, name: str) -> None:
-    torch = pytest.importorskip("torch")
+    torch = require_module("torch")
     if not hasattr(torch, name):
         pytest.skip(f"this torch has no {name}")
     dtype = getattr(torch, name)

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.helpers import require_module
+
 from infercache.kv.tokens import TokenDatabase, mask_start, to_token_array
 from tests.kv.engine.conftest import kv_for
 
@@ -93,7 +95,7 @@ def test_invalid_masks_raise(mask: object, message: str) -> None:
 
 
 def test_torch_mask_and_tokens() -> None:
-    torch = pytest.importorskip("torch")
+    torch = require_module("torch")
     assert mask_start(torch.tensor([False] * 4 + [True] * 4), 8, 4) == 4
     assert TokenDatabase(4, "m").keys(torch.arange(8)) == TokenDatabase(4, "m").keys(list(range(8)))
 

@@ -52,6 +52,19 @@ class ServerProc:
     _reader: threading.Thread = field(default=None, repr=False)  # type: ignore[assignment]
 
 
+@pytest.fixture()
+def engine(tmp_path: Path) -> Iterator[Any]:
+    """A real Engine in this process: a private shared-memory pool (hot) and a disk tier."""
+    from infercache.kv.engine import Engine
+    from infercache.kv.pool import Pool
+
+    name = f"t-eng-{uuid.uuid4().hex[:10]}"
+    eng = Engine(**engine_settings(tmp_path, name))
+    yield eng
+    eng.close()
+    Pool.destroy(name, data_dir=tmp_path / "data")
+
+
 def engine_settings(root: Path, name: str, disk: bool = True) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "chunk_size": CHUNK, "model_name": name, "pool_name": name, "local_cpu_size": "16M",

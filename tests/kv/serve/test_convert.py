@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+from tests.helpers import require_module
+
+torch = require_module("torch")
+require_module("transformers")
 
 from infercache.kv.integrations.transformers import (  # noqa: E402
     UnsupportedModelError,

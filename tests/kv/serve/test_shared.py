@@ -10,8 +10,10 @@ import sys
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+from tests.helpers import require_module
+
+torch = require_module("torch")
+require_module("transformers")
 
 from infercache.kv.client import ControllerClient  # noqa: E402
 from infercache.kv.integrations.transformers import ManagedGenerator  # noqa: E402

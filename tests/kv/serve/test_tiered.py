@@ -3,33 +3,23 @@
 from __future__ import annotations
 
 import logging
-import uuid
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+from tests.helpers import require_module
+
+torch = require_module("torch")
+require_module("transformers")
 
 from infercache.kv.client import ControllerClient, LocalController, NotFoundError, TooLargeError  # noqa: E402
 from infercache.kv.tiered import MultiTierCache  # noqa: E402
 from infercache.kv.tokenizer import byte_level_tokenizer  # noqa: E402
 from infercache.testing.models import random_llama  # noqa: E402
 
-CHUNK = 16
+from tests.kv.serve.conftest import CHUNK  # noqa: E402
 PREFIX = "System: you answer questions about the infercache manual, briefly. " * 2  # 136 tokens
 
 
-@pytest.fixture()
-def engine(tmp_path):
-    from infercache.kv.engine import Engine
-    from infercache.kv.pool import Pool
-
-    name = f"t-tier-{uuid.uuid4().hex[:10]}"
-    eng = Engine(chunk_size=CHUNK, model_name=name, pool_name=name, local_cpu_size="16M",
-                 data_dir=str(tmp_path), local_disk=str(tmp_path / "disk"), local_disk_size="64M")  # fmt: skip
-    yield eng
-    eng.close()
-    Pool.destroy(name, data_dir=tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import require_module
+
 from infercache.errors import BadInputError
 from infercache.kv.tokenizer import ByteTokenizer, load_tokenizer
 
@@ -20,7 +22,7 @@ def test_fallback_is_utf8_bytes():
 
 
 def test_byte_level_fast_tokenizer_matches_the_fallback(tmp_path):
-    pytest.importorskip("transformers")
+    require_module("transformers")
     from infercache.kv.tokenizer import byte_level_tokenizer
 
     fast = byte_level_tokenizer()

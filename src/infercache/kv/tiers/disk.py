@@ -26,22 +26,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from infercache.kv.procs import pid_alive
 from infercache.kv.tiers.base import HEADER_BYTES, ChunkHeader, Sink, Tier, Tracker
 
 log = logging.getLogger(__name__)
 SUFFIX = ".kvc"
 _PIECE = 1 << 20  # write and checksum unit
 TMP_PREFIX = ".tmp-"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _Pending:
@@ -84,7 +75,7 @@ class DiskTier(Tier):
             name = entry.name
             if name.startswith(TMP_PREFIX) and name.endswith(".part"):
                 pid = name[len(TMP_PREFIX) :].split("-", 1)[0]
-                if not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid():
+                if not pid.isdigit() or not pid_alive(int(pid)) or int(pid) == os.getpid():
                     _unlink(entry.path)
                     removed += 1
                 continue
