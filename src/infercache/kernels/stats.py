@@ -26,6 +26,12 @@ class Group:
 TOP_KERNELS = 10
 
 
+def compute_hit_rate(hits: int, misses: int) -> float | None:
+    """The share of lookups that hit; None before the first lookup (not 0: nothing was missed either)."""
+    total = hits + misses
+    return hits / total if total else None
+
+
 @dataclass(frozen=True)
 class KernelHits:
     """One kernel's runtime counters (a `top_kernels` row)."""
@@ -42,8 +48,7 @@ class KernelHits:
 
     @property
     def hit_rate(self) -> float | None:
-        total = self.hits + self.misses
-        return self.hits / total if total else None
+        return compute_hit_rate(self.hits, self.misses)
 
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "name": self.name, "backend": self.backend, "arch": self.arch, "hits": self.hits,
@@ -94,8 +99,7 @@ class CacheStats:
 
     @property
     def hit_rate(self) -> float | None:
-        total = self.hits + self.misses
-        return self.hits / total if total else None
+        return compute_hit_rate(self.hits, self.misses)
 
     def to_json(self) -> dict[str, Any]:
         return {
