@@ -183,6 +183,13 @@ def entry_row(entry: EntryScan, tcd: CacheDirInfo, sig: str, now: float) -> tupl
     )
 
 
+def forget_entry(conn: Any, path: str) -> int:
+    """Drop a vanished entry's row and the notes about it and inside it; the entry rows removed (0 or 1)."""
+    removed = conn.execute("DELETE FROM entries WHERE path = ?", (path,)).rowcount
+    conn.execute("DELETE FROM skipped WHERE path = ? OR owner = ?", (path, path))
+    return removed
+
+
 def write_batch(
     catalog: Catalog,
     info: CacheDirInfo,
@@ -204,8 +211,7 @@ def write_batch(
             try:
                 st = os.lstat(item[1])
             except FileNotFoundError:
-                run.removed += conn.execute("DELETE FROM entries WHERE path = ?", (item[1],)).rowcount
-                conn.execute("DELETE FROM skipped WHERE path = ? OR owner = ?", (item[1], item[1]))
+                run.removed += forget_entry(conn, item[1])
                 continue
             except OSError:
                 current.append(item)
@@ -294,8 +300,7 @@ def refresh_paths(catalog: Catalog, entry_paths: Iterable[Path]) -> None:
             st = os.lstat(path)
         except FileNotFoundError:
             with catalog.transaction() as c:
-                c.execute("DELETE FROM entries WHERE path = ?", (path,))
-                c.execute("DELETE FROM skipped WHERE path = ? OR owner = ?", (path, path))
+                forget_entry(c, path)
             continue
         info = CacheDirInfo.from_row(row)
         write_batch(catalog, info, [prepare(path, st, info, time.time())], RunCounts(), [path])
