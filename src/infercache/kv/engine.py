@@ -458,7 +458,7 @@ class Engine:
 
     def pin(self, tokens: Any, location: str | None = None) -> int:
         """Protect the cached prefix from eviction for `pin_timeout_s` (in `location`, else where each
-        chunk is fastest); tokens pinned."""
+        chunk is fastest; the hot tier's pool keeps the deadline, so a killed engine's pins lapse too)."""
         self._check_open()
         chunks = self.db.chunks(to_token_array(tokens))
         with self._lock:
@@ -466,7 +466,9 @@ class Engine:
             deadline = time.time() + self.config.pin_timeout_s
             done = 0
             for chunk, tier in zip(chunks, tiers):
-                if (chunk.key, tier.name) not in self._pins and not tier.pin(chunk.key):
+                held = (chunk.key, tier.name) in self._pins  # again: the deadline moves, the count stays
+                if not tier.pin(chunk.key, self.config.pin_timeout_s, held):
+                    self._pins.pop((chunk.key, tier.name), None)
                     break
                 self._pins[(chunk.key, tier.name)] = deadline
                 done = chunk.end

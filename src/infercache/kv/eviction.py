@@ -3,7 +3,7 @@
 A plan lists the victims in the policy's order with the exact bytes each frees, plus the
 S3-FIFO queue moves made while ranking them; executing it (under the exclusive lock)
 removes each victim that is still the same entry (same slot generation, still published,
-unpinned) and applies the moves. `Pool.evict` plans and executes in one locked section.
+unpinned: pins past their deadline count as none) and applies the moves. `Pool.evict` plans and executes in one locked section.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ def plan(st: "PoolState", mode: str, percent: float | None, wanted: int) -> Evic
     if mode == "expired":
         rows = st.rows()
         expiry = rows["expiry"]
-        mask = (table.states(rows) == ST_PUBLISHED) & (rows["pins"] == 0) & (expiry > 0)
-        chosen = np.flatnonzero(mask & (expiry <= time.time())).tolist()
+        now = time.time()
+        mask = (table.states(rows) == ST_PUBLISHED) & table.unpinned(rows, now) & (expiry > 0)
+        chosen = np.flatnonzero(mask & (expiry <= now)).tolist()
     else:
         if mode == "percent":
             wanted = math.ceil(float(percent or 0) / 100 * st.used_bytes())
@@ -71,13 +72,13 @@ def plan(st: "PoolState", mode: str, percent: float | None, wanted: int) -> Evic
 
 def execute(st: "PoolState", plan: EvictionPlan) -> EvictionResult:
     """Carry out `plan` under the exclusive lock; entries changed since planning are skipped."""
-    table, hq = st.table, st.hq
+    table, hq, now = st.table, st.hq, time.time()
     for slot, stamp, flags in plan.moves:
         if table.stamp(slot) == stamp:
             table.requeue(slot, flags, st.tick())
     evicted = skipped = freed = 0
     for v in plan.victims:
-        if table.stamp(v.slot) != v.stamp or table.state(v.slot) != ST_PUBLISHED or table.pins(v.slot):
+        if table.stamp(v.slot) != v.stamp or table.state(v.slot) != ST_PUBLISHED or table.live_pins(v.slot, now):
             skipped += 1
             continue
         if plan.mode == "expired":

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from infercache.kv.allocator import Allocator
 
 MAGIC = int.from_bytes(b"ICKVPOOL", "little")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: pin deadline word (E_PIN_DEADLINE); keys inline up to 120 bytes
 HEADER_BYTES = 4096
 
 # ---- header words (index into a uint64 view of [0, 4096)) ----
@@ -69,8 +69,8 @@ TIERS = ("cpu", "disk")
 # ---- entry records ----
 ENTRY_BYTES = 256
 ENTRY_WORDS = ENTRY_BYTES // 8
-KEY_OFFSET = 128  # key bytes live in the second half of the record
-KEY_INLINE = ENTRY_BYTES - KEY_OFFSET  # keys up to 128 bytes live in the record
+KEY_OFFSET = 136  # key bytes live after the 17 words of the record
+KEY_INLINE = ENTRY_BYTES - KEY_OFFSET  # keys up to 120 bytes live in the record
 KEY_MAX = 1024  # longer keys live at the start of the entry's blocks (flag F_KEY_IN_DATA)
 
 E_STATE = 0  # low 8 bits: state; high bits: generation (bumped on every reuse of the slot)
@@ -89,6 +89,7 @@ E_FLAGS = 12  # low 32 bits: F_* flags; high 32 bits: writer pid while WRITING
 E_PREFIX = 13
 E_ITICK = 14  # insertion (queue) tick
 E_ATICK = 15  # last access tick
+E_PIN_DEADLINE = 16  # float64: when the pins (E_PINS) stop protecting the entry; 0 = never
 
 ST_FREE = 0
 ST_WRITING = 1  # reserved by a writer that copies data outside the lock; not visible to readers
@@ -118,6 +119,7 @@ DTYPE_FIELDS = [
     ("prefix", "<u8"),
     ("itick", "<u8"),
     ("atick", "<u8"),
+    ("pin_deadline", "<f8"),
     ("key", f"V{KEY_INLINE}"),
 ]
 

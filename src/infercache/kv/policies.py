@@ -1,6 +1,6 @@
 """Eviction policies as data: each is one `Policy` entry in `REGISTRY` (as in python-diskcache).
 
-A policy says which published, unpinned entries go first when space is needed:
+A policy says which published, unpinned entries (pins past their deadline count as none) go first when space is needed:
 - `order_key`: numpy sort keys (np.lexsort order, primary key last) over the candidates'
   record fields (FIELDS); or, for a policy with queues of its own, `victims`, a generator;
 - hooks: `on_insert` (extra F_* flags for a new entry), `on_access` (a read) and
@@ -166,12 +166,12 @@ def _expired_first(fields: Fields, now: float) -> tuple["np.ndarray", "np.ndarra
 
 
 def victims(policy: Policy, ctx: PolicyContext, now: float, queues: Queues) -> Iterator[int]:
-    """Evictable entry slots (published, unpinned) in `policy`'s order, expired ones first."""
+    """Evictable entry slots (published, no live pin) in `policy`'s order, expired ones first."""
     import numpy as np
 
     rows = ctx.rows()
     published = EntryTable.states(rows) == ST_PUBLISHED
-    slots = np.flatnonzero(published & (rows["pins"] == 0))
+    slots = np.flatnonzero(published & EntryTable.unpinned(rows, now))  # pins past their deadline count as none
     cand = {name: rows[name][slots] for name in FIELDS}  # only the fields the policies use
     first, rest = _expired_first(cand, now)
     if policy.victims is not None:

@@ -251,12 +251,12 @@ class Pool(PoolHandle):
         table = self._table
         st = self._st
         hq = self._hq
-        pins = 0
+        pins, pin_deadline = 0, 0.0
         e = start = -1
         indexed = False
         old = self._index.find(kb, h)
-        if old >= 0:  # replaced: the old value goes now, its pins carry over
-            pins = table.pins(old)
+        if old >= 0:  # replaced: the old value goes now, its live pins (and their deadline) carry over
+            pins, pin_deadline = table.pin_state(old)
             if inline and nblocks and table.nblocks(old) == nblocks:
                 # Same block count, copied and published in this one section: the new value
                 # takes over the old one's slot, blocks and index position (same key, same
@@ -284,7 +284,7 @@ class Pool(PoolHandle):
         hq[HDR_CLOCK] = tick
         now = time.time()
         table.write(e, h, start, nblocks, size, len(kb), check, now, now, expiry, 0, priority, pins,
-                    flags if inline else self._pid << 32 | flags, tag, tick, tick)  # fmt: skip
+                    flags if inline else self._pid << 32 | flags, tag, tick, tick, pin_deadline)  # fmt: skip
         if not indexed:
             table.write_key(e, kb, start, flags)
         if not inline:
@@ -295,7 +295,8 @@ class Pool(PoolHandle):
         table = self._table
         other = self._index.find(kb, h)
         if other >= 0:  # another writer published the same key while we copied: last one wins
-            table.set_pins(e, max(table.pins(e), table.pins(other)))
+            if table.pin_state(other)[0] > table.pin_state(e)[0]:  # the most live pins win, with their deadline
+                table.set_pins(e, *table.pin_state(other))
             self._st.remove(other)
         table.clear_writer(e)
         self._index.insert(h, e)
@@ -328,7 +329,7 @@ class Pool(PoolHandle):
         if expiry and expiry <= now:
             if count:
                 hq[self._w_misses] += 1
-                if not shared and not table.pins(e):
+                if not shared and not table.live_pins(e, now):
                     self._st.remove(e)
                     hq[HDR_EXPIRED] += 1
             return -1
@@ -463,21 +464,37 @@ class Pool(PoolHandle):
             self._st.remove(e)
             return True
 
-    def pin(self, key: str | bytes) -> bool:
-        """Protect the entry from eviction (pins nest); False when absent."""
-        return self._adjust_pins(key, +1)
+    def pin(self, key: str | bytes, timeout: float | str | None = None, renew: bool = False) -> bool:
+        """Protect the entry from eviction (pins nest); False when absent.
 
-    def unpin(self, key: str | bytes) -> bool:
-        """Undo one pin; False when absent."""
-        return self._adjust_pins(key, -1)
-
-    def _adjust_pins(self, key: str | bytes, delta: int) -> bool:
+        `timeout` (seconds or a duration, '5m'): the pin stops protecting the entry after it, even if
+        the process that pinned it died (SIGKILL) and never unpins. The entry keeps one pin count and
+        the latest deadline of its pins; once that passes, every pin of the entry is void (cleared
+        when noticed). None: no deadline, the pin holds until unpinned (and so do the entry's timed
+        pins while it does). `renew`: the caller pins again a key it already pinned: the deadline
+        moves, the count does not (a pin that had expired is taken again)."""
+        deadline = None
+        if timeout is not None:
+            seconds = parse_duration(timeout)
+            if seconds <= 0:
+                raise BadInputError(f"pin timeout must be positive, got {timeout!r}")
+            deadline = time.time() + seconds
         kb, _, h = key_info(key)
         with self._mutating():
             e = self._index.find(kb, h)
             if e < 0:
                 return False
-            self._table.set_pins(e, self._table.pins(e) + delta)
+            self._table.add_pin(e, deadline, time.time(), renew)
+            return True
+
+    def unpin(self, key: str | bytes) -> bool:
+        """Undo one pin; False when absent (a pin past its deadline is already gone)."""
+        kb, _, h = key_info(key)
+        with self._mutating():
+            e = self._index.find(kb, h)
+            if e < 0:
+                return False
+            self._table.drop_pin(e, time.time())
             return True
 
     def info(self, key: str | bytes) -> EntryInfo | None:
@@ -487,7 +504,7 @@ class Pool(PoolHandle):
             e = self._index.find(kb, h)
             if e < 0:
                 return None
-            return self._table.info(e, self._st.policy.describe)
+            return self._table.info(e, self._st.policy.describe, time.time())
 
     def keys(self) -> list[str | bytes]:
         """Every published key, oldest insertion first."""

@@ -83,6 +83,8 @@ class PoolStats(ResultMixin):
     repairs: int
     created: float
     layout_version: int
+    pinned_entries: int = 0  # entries a live pin protects from eviction
+    next_pin_deadline: float | None = None  # soonest time a timed pin stops protecting its entry
     attached: tuple[int, ...] | None = None  # pids mapping the pool (list_pools, `kv status`)
 
 
@@ -110,7 +112,8 @@ class EntryInfo(ResultMixin):
     expires: float | None
     access_count: int
     priority: int
-    pins: int
+    pins: int  # live pins (0 once their deadline has passed)
+    pin_deadline: float | None  # when the pins stop protecting the entry; None: never (or no pins)
     has_prefix: bool
     insert_tick: int  # the pool's logical clock: insertion / queue order
     access_tick: int  # ... and recency

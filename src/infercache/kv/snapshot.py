@@ -40,10 +40,11 @@ if TYPE_CHECKING:
 
 MAGIC = b"ICKVSNAP"
 END_MAGIC = b"ICKVEND1"
-VERSION = 1
+VERSION = 2  # 2: each record carries its pin deadline (version 1 snapshots still restore: no deadlines)
 PREAMBLE = struct.Struct("<8sII")
 HEADER = struct.Struct(f"<QQQQQQQQQQQQQQdH{NAME_MAX}s")
-RECORD = struct.Struct("<HQdddQqQQQQQ")  # followed by the key's bytes
+RECORD = struct.Struct("<HQdddQqQQQQQd")  # followed by the key's bytes
+RECORDS = {1: struct.Struct("<HQdddQqQQQQQ"), 2: RECORD}  # record layout by snapshot version
 CRC = struct.Struct("<I")
 TRAILER = struct.Struct("<8sQ")
 
@@ -76,8 +77,8 @@ class SnapshotHeader:
                            self.puts, self.clock, self.created, len(name), name)  # fmt: skip
         return body + CRC.pack(zlib.crc32(body))
 
-    def file_size(self) -> int:
-        return (PREAMBLE.size + HEADER.size + CRC.size + self.n_entries * RECORD.size + self.keys_bytes + CRC.size
+    def file_size(self, record: struct.Struct = RECORD) -> int:
+        return (PREAMBLE.size + HEADER.size + CRC.size + self.n_entries * record.size + self.keys_bytes + CRC.size
                 + self.data_bytes
                 + CRC.size + TRAILER.size)  # fmt: skip
 
@@ -98,10 +99,12 @@ class Record:
     prefix: int
     itick: int
     atick: int
+    pin_deadline: float = 0.0  # 0: never (or no pins; version 1 snapshots have none)
 
     def pack(self) -> bytes:
         return RECORD.pack(len(self.key), self.size, self.created, self.atime, self.expiry, self.count,
-                           self.priority, self.pins, self.flags, self.prefix, self.itick, self.atick) + self.key  # fmt: skip
+                           self.priority, self.pins, self.flags, self.prefix, self.itick, self.atick,
+                           self.pin_deadline) + self.key  # fmt: skip
 
 
 def write_preamble(handle: BinaryIO, header: SnapshotHeader) -> int:
@@ -117,13 +120,15 @@ def _read_exact(handle: BinaryIO, n: int, what: str) -> bytes:
     return data
 
 
-def read_header(handle: BinaryIO, file_size: int) -> SnapshotHeader:
-    """Parse and verify the preamble and header; BadInputError on anything unexpected."""
+def read_header(handle: BinaryIO, file_size: int) -> tuple[SnapshotHeader, struct.Struct]:
+    """Parse and verify the preamble and header: (header, the version's record layout);
+    BadInputError on anything unexpected."""
     magic, version, header_len = PREAMBLE.unpack(_read_exact(handle, PREAMBLE.size, "preamble"))
     if magic != MAGIC:
         raise BadInputError("not an infercache KV snapshot (bad magic)")
-    if version != VERSION or header_len != HEADER.size:
-        raise BadInputError(f"unsupported snapshot version {version} (this infercache reads version {VERSION})")
+    if version not in RECORDS or header_len != HEADER.size:
+        raise BadInputError(f"unsupported snapshot version {version} (this infercache reads versions 1-{VERSION})")
+    record = RECORDS[version]
     body = _read_exact(handle, HEADER.size, "header")
     (crc,) = CRC.unpack(_read_exact(handle, CRC.size, "header"))
     if zlib.crc32(body) != crc:
@@ -135,15 +140,15 @@ def read_header(handle: BinaryIO, file_size: int) -> SnapshotHeader:
     header = SnapshotHeader(*fields[:15], name=fields[16][:name_len].decode(errors="replace"))
     if header.block_size <= 0 or header.n_blocks <= 0:
         raise BadInputError("snapshot header: bad geometry (corrupt file)")
-    expected = header.file_size()
+    expected = header.file_size(record)
     if file_size != expected:
         raise BadInputError(
             f"snapshot is {file_size} bytes but its header describes {expected} bytes (truncated or corrupt)"
         )
-    return header
+    return header, record
 
 
-def read_records(handle: BinaryIO, header: SnapshotHeader) -> list[Record]:
+def read_records(handle: BinaryIO, header: SnapshotHeader, record: struct.Struct = RECORD) -> list[Record]:
     """All entry records, verified against their section checksum and the header's totals."""
     crc = 0
     records = []
@@ -151,8 +156,8 @@ def read_records(handle: BinaryIO, header: SnapshotHeader) -> list[Record]:
     capacity = header.n_blocks * header.block_size
     keys = 0
     for _ in range(header.n_entries):
-        raw = _read_exact(handle, RECORD.size, "entry records")
-        f = RECORD.unpack(raw)
+        raw = _read_exact(handle, record.size, "entry records")
+        f = record.unpack(raw)
         key_len = f[0]
         if not 0 < key_len <= KEY_MAX or f[1] > capacity:
             raise BadInputError("snapshot entry record out of range (corrupt file)")
@@ -199,8 +204,8 @@ def check_source(path: str | os.PathLike[str]) -> Path:
 def read_verified(handle: BinaryIO) -> tuple[SnapshotHeader, list[Record], str, Geometry]:
     """Header, records, policy name and pool geometry of an open snapshot, all verified; the
     handle is left at the data section."""
-    header = read_header(handle, os.fstat(handle.fileno()).st_size)
-    records = read_records(handle, header)
+    header, record = read_header(handle, os.fstat(handle.fileno()).st_size)
+    records = read_records(handle, header, record)
     if header.policy_id not in BY_ID:
         raise BadInputError(f"snapshot names unknown policy id {header.policy_id} (corrupt file)")
     geometry = compute_geometry(header.n_blocks * header.block_size, header.block_size)
@@ -234,10 +239,10 @@ def write(st: "PoolState", handle: BinaryIO) -> int:
     crc = 0
     for e in slots:
         (_, _, _, size, _, created, atime, expiry, count, priority, pins, flags, prefix, itick,
-         atick) = table.fields(e)  # fmt: skip
+         atick, pin_deadline) = table.fields(e)  # fmt: skip
         raw = Record(key=table.key_of(e), size=size, created=created, atime=atime, expiry=expiry, count=count,
                      priority=priority, pins=pins, flags=flags & LOW32, prefix=prefix, itick=itick,
-                     atick=atick).pack()  # fmt: skip
+                     atick=atick, pin_deadline=pin_deadline).pack()  # fmt: skip
         crc = zlib.crc32(raw, crc)
         handle.write(raw)
         written += len(raw)
@@ -276,7 +281,8 @@ def load(st: "PoolState", handle: BinaryIO, header: SnapshotHeader, records: lis
             raise BadInputError("snapshot entries do not fit its own pool geometry (corrupt file)")
         h = key_hash(rec.key)
         table.write(e, h, start, nblocks, rec.size, klen, 0, rec.created, rec.atime, rec.expiry, rec.count,
-                    rec.priority, rec.pins, flags, rec.prefix, rec.itick, rec.atick)  # fmt: skip
+                    rec.priority, rec.pins, flags, rec.prefix, rec.itick, rec.atick,
+                    rec.pin_deadline if rec.pins else 0.0)  # fmt: skip
         table.write_key(e, rec.key, start, flags)
         data = table.data(e)
         try:

@@ -54,7 +54,13 @@ class PoolState:
         self.hd = self.mv[:HEADER_BYTES].cast("d")
         hq = self.hq
         problem = None
-        if hq[HDR_MAGIC] != MAGIC or hq[HDR_VERSION] != LAYOUT_VERSION or hq[HDR_FILE_SIZE] != size:
+        if hq[HDR_MAGIC] == MAGIC and hq[HDR_VERSION] != LAYOUT_VERSION:
+            problem = (
+                f"{path} is a pool of layout version {hq[HDR_VERSION]}; this infercache reads version "
+                f"{LAYOUT_VERSION} only (version 2 added pin deadlines). Persist it with the infercache that made "
+                f"it and `kv restore` the snapshot here, or delete and recreate the pool"
+            )
+        elif hq[HDR_MAGIC] != MAGIC or hq[HDR_FILE_SIZE] != size:
             problem = f"{path} is not an infercache pool of layout version {LAYOUT_VERSION}"
         elif reason := header_problem(hq, size):
             problem = f"{path}: damaged pool header ({reason})"
@@ -174,8 +180,26 @@ class PoolState:
         self.hq[HDR_EVICTIONS] += 1
 
     def victims(self, queues: Queues | None = None) -> Iterator[int]:
-        """Evictable entries in the policy's order (`queues`: where queue moves go; the table by default)."""
-        return victims(self.policy, self, time.time(), queues or TableQueues(self))
+        """Evictable entries in the policy's order (`queues`: where queue moves go; the table by default).
+
+        Entries whose pins are past their deadline are evictable; with the default `queues` (a real
+        eviction, under the exclusive lock) their stale pins are also cleared here, where noticed."""
+        now = time.time()
+        if queues is None:
+            self.clear_stale_pins(now)
+        return victims(self.policy, self, now, queues or TableQueues(self))
+
+    def clear_stale_pins(self, now: float) -> int:
+        """Drop the pins whose deadline has passed (a pinner that died, or forgot); entries cleared."""
+        import numpy as np
+
+        rows = self.rows()
+        stale = np.flatnonzero(EntryTable.stale_pins(rows, now))
+        if len(stale):
+            rows["pins"][stale] = 0
+            rows["pin_deadline"][stale] = 0.0
+            log.info("pool %s: %d entries' pins passed their deadline; cleared", self.name, len(stale))
+        return len(stale)
 
     def make_room(self, nblocks: int) -> tuple[int, int]:
         """(slot, first block) for a new entry, evicting by policy as needed; (-1, -1) if impossible.
@@ -263,6 +287,7 @@ class PoolState:
         size = self.n_blocks * self.block_size
         used = self.used_bytes()
         hits, misses, bytes_out = self.read_counters()
+        pinned, next_deadline = self.pin_summary(time.time())
         return PoolStats(
             name=self.name, tier=self.tier, path=path, policy=self.policy.name, size_bytes=size, used_bytes=used,
             free_bytes=size - used, utilization=used / size if size else 0.0, value_bytes=hq[HDR_VALUE_BYTES],
@@ -272,7 +297,18 @@ class PoolState:
             misses=misses, hit_rate=hits / (hits + misses) if hits + misses else 0.0, evictions=hq[HDR_EVICTIONS],
             expired=hq[HDR_EXPIRED], puts=hq[HDR_PUTS], bytes_in=hq[HDR_BYTES_IN], bytes_out=bytes_out,
             repairs=hq[HDR_REPAIRS], created=self.hd[HDR_CREATED], layout_version=hq[HDR_VERSION],
+            pinned_entries=pinned, next_pin_deadline=next_deadline,
         )  # fmt: skip
+
+    def pin_summary(self, now: float) -> tuple[int, float | None]:
+        """(published entries a live pin protects, the soonest deadline among their timed pins)."""
+        import numpy as np
+
+        rows = self.rows()
+        live = (EntryTable.states(rows) == ST_PUBLISHED) & ~EntryTable.unpinned(rows, now)
+        deadlines = rows["pin_deadline"][live]
+        timed = deadlines[deadlines > 0]
+        return int(np.count_nonzero(live)), float(timed.min()) if len(timed) else None
 
     def read_counters(self) -> tuple[int, int, int]:
         """Totals of hits, misses and bytes out: the header's plus every slot's."""

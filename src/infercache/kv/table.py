@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from infercache.kv.codec import decode_key
@@ -18,7 +19,7 @@ from infercache.kv.codec import decode_key
 from infercache.kv.results import EntryInfo
 from infercache.kv.layout import (
     E_ATICK, E_ATIME, E_CHECK, E_COUNT, E_CREATED, E_EXPIRY, E_FLAGS, E_HASH, E_ITICK, E_NBLOCKS, E_PINS, E_PREFIX,
-    E_PRIORITY, E_SIZE, E_START, ENTRY_BYTES, ENTRY_WORDS, F_HAS_PREFIX, F_KEY_IN_DATA, KEY_INLINE, KEY_OFFSET, ST_FREE, entry_dtype,
+    E_PIN_DEADLINE, E_PRIORITY, E_SIZE, E_START, ENTRY_BYTES, ENTRY_WORDS, F_HAS_PREFIX, F_KEY_IN_DATA, KEY_INLINE, KEY_OFFSET, ST_FREE, entry_dtype,
 )  # fmt: skip
 
 if TYPE_CHECKING:
@@ -27,11 +28,11 @@ if TYPE_CHECKING:
 STATE_MASK = 0xFF
 _GEN_MASK = (1 << 56) - 1
 LOW32 = 0xFFFFFFFF
-# Words E_HASH..E_ATICK of a record, written by one pack_into (a reservation writes all of
-# them; one C call instead of 15 memoryview stores, a third of a small put's locked work).
-_RECORD = struct.Struct("<QQQQQdddQqQQQQQ")
+# Words E_HASH..E_PIN_DEADLINE of a record, written by one pack_into (a reservation writes all of
+# them; one C call instead of 16 memoryview stores, a third of a small put's locked work).
+_RECORD = struct.Struct("<QQQQQdddQqQQQQQd")
 assert (E_HASH, E_START, E_NBLOCKS, E_SIZE, E_CHECK, E_CREATED, E_ATIME, E_EXPIRY, E_COUNT, E_PRIORITY, E_PINS,
-        E_FLAGS, E_PREFIX, E_ITICK, E_ATICK) == tuple(range(1, 16))  # fmt: skip
+        E_FLAGS, E_PREFIX, E_ITICK, E_ATICK, E_PIN_DEADLINE) == tuple(range(1, 17))  # fmt: skip
 
 
 def footprint(size: int, key_len: int, block_size: int) -> tuple[int, int]:
@@ -129,10 +130,55 @@ class EntryTable:
         self.q[e * ENTRY_WORDS + E_FLAGS] &= LOW32
 
     def pins(self, e: int) -> int:
+        """The pin count as stored (pins past their deadline included: see `live_pins`)."""
         return self.q[e * ENTRY_WORDS + E_PINS]
 
-    def set_pins(self, e: int, pins: int) -> None:
-        self.q[e * ENTRY_WORDS + E_PINS] = max(0, pins)
+    def pin_deadline(self, e: int) -> float:
+        """When the pins stop protecting the entry (the latest timed pin's deadline); 0 = never."""
+        return self.d[e * ENTRY_WORDS + E_PIN_DEADLINE]
+
+    def live_pins(self, e: int, now: float) -> int:
+        """The pins that still protect the entry: 0 once their deadline has passed."""
+        w = e * ENTRY_WORDS
+        pins = self.q[w + E_PINS]
+        if pins:
+            deadline = self.d[w + E_PIN_DEADLINE]
+            if deadline and deadline <= now:
+                return 0
+        return pins
+
+    def pin_state(self, e: int) -> tuple[int, float]:
+        """(live pins, their deadline): (0, 0.0) once the deadline has passed (put carries them over)."""
+        w = e * ENTRY_WORDS
+        pins = self.q[w + E_PINS]
+        if not pins:
+            return 0, 0.0
+        deadline = self.d[w + E_PIN_DEADLINE]
+        return (0, 0.0) if deadline and deadline <= time.time() else (pins, deadline)
+
+    def set_pins(self, e: int, pins: int, deadline: float) -> None:
+        """Pin count and deadline (0 = never); no pins means no deadline."""
+        w = e * ENTRY_WORDS
+        pins = max(0, pins)
+        self.q[w + E_PINS] = pins
+        self.d[w + E_PIN_DEADLINE] = deadline if pins else 0.0
+
+    def add_pin(self, e: int, deadline: float | None, now: float, renew: bool = False) -> None:
+        """One more pin (`renew`: the caller's own pin again, the count kept) until `deadline`
+        (None: never). Pins already past their deadline are dropped first; the entry keeps the
+        latest deadline of its live pins, and one pin without a deadline makes it "never"."""
+        pins = self.live_pins(e, now)
+        old = self.pin_deadline(e) if pins else None  # None: no live pin yet
+        if deadline is None or old == 0.0:
+            new = 0.0
+        else:
+            new = deadline if old is None else max(old, deadline)
+        self.set_pins(e, max(pins, 1) if renew else pins + 1, new)
+
+    def drop_pin(self, e: int, now: float) -> None:
+        """Undo one pin (pins past their deadline are already gone)."""
+        pins = self.live_pins(e, now)
+        self.set_pins(e, pins - 1, self.pin_deadline(e))
 
     def expiry(self, e: int) -> float:
         return self.d[e * ENTRY_WORDS + E_EXPIRY]
@@ -155,30 +201,34 @@ class EntryTable:
 
     def fields(self, e: int) -> tuple[Any, ...]:
         """(hash, start, nblocks, size, check, created, atime, expiry, count, priority, pins, flags word,
-        prefix, itick, atick): the record in one unpack (info, persist)."""
+        prefix, itick, atick, pin deadline): the record in one unpack (info, persist)."""
         return _RECORD.unpack_from(self._mm, self._off + e * ENTRY_BYTES + 8)
 
-    def info(self, e: int, describe: Callable[[int], dict[str, Any]] | None) -> EntryInfo:
-        """The record as `Pool.info` shows it; `describe`: the policy's extra fields for its flags."""
+    def info(self, e: int, describe: Callable[[int], dict[str, Any]] | None, now: float) -> EntryInfo:
+        """The record as `Pool.info` shows it (pins past their deadline count as none);
+        `describe`: the policy's extra fields for its flags."""
         (_, _, nblocks, size, _, created, atime, expiry, count, priority, pins, word, _, itick,
-         atick) = self.fields(e)  # fmt: skip
+         atick, pin_deadline) = self.fields(e)  # fmt: skip
+        if pin_deadline and pin_deadline <= now:
+            pins = 0
         flags = word & LOW32
         return EntryInfo(
             key=decode_key(self.key_of(e), flags), size=size, blocks=nblocks, created=created, last_access=atime,
             expires=expiry or None, access_count=count, priority=priority, pins=pins,
-            has_prefix=bool(flags & F_HAS_PREFIX), insert_tick=itick, access_tick=atick,
+            pin_deadline=(pin_deadline or None) if pins else None, has_prefix=bool(flags & F_HAS_PREFIX),
+            insert_tick=itick, access_tick=atick,
             **(describe(flags) if describe else {}),
         )  # fmt: skip
 
     def write(
         self, e: int, h: int, start: int, nblocks: int, size: int, key_len: int, check: int, created: float,
         atime: float, expiry: float, count: int, priority: int, pins: int, flags: int, prefix: int, itick: int,
-        atick: int,
+        atick: int, pin_deadline: float,
     ) -> None:  # fmt: skip
         """Write every word but the state (which the caller sets last, when the record is complete)."""
         _RECORD.pack_into(
             self._mm, self._off + e * ENTRY_BYTES + 8, h, start, nblocks, size, key_len << 32 | check, created, atime,
-            expiry, count, priority, pins, flags, prefix, itick, atick,
+            expiry, count, priority, pins, flags, prefix, itick, atick, pin_deadline,
         )  # fmt: skip
 
     # ------------------------------------------------------------ keys and values
@@ -237,3 +287,15 @@ class EntryTable:
     @staticmethod
     def states(rows: "np.ndarray") -> "np.ndarray":
         return rows["state"] & STATE_MASK
+
+    @staticmethod
+    def unpinned(rows: "np.ndarray", now: float) -> "np.ndarray":
+        """Mask of records no live pin protects (no pins, or their deadline has passed)."""
+        deadline = rows["pin_deadline"]
+        return (rows["pins"] == 0) | ((deadline > 0) & (deadline <= now))
+
+    @staticmethod
+    def stale_pins(rows: "np.ndarray", now: float) -> "np.ndarray":
+        """Mask of records whose pins are past their deadline but not cleared yet."""
+        deadline = rows["pin_deadline"]
+        return (rows["pins"] != 0) & (deadline > 0) & (deadline <= now)

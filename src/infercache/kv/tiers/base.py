@@ -191,7 +191,9 @@ class Tier(ABC):
     def keys(self) -> list[str]:
         """Chunk keys this tier holds that this engine may manage (clear, pin)."""
 
-    def pin(self, key: str) -> bool:
+    def pin(self, key: str, timeout: float | None = None, renew: bool = False) -> bool:
+        """Protect `key` from eviction; `timeout`: a deadline the tier itself enforces (the hot tier's
+        shared pool, so a crashed engine's pins lapse); `renew`: this engine's pin again (no new count)."""
         return self.contains(key)
 
     def unpin(self, key: str) -> bool:

@@ -220,12 +220,13 @@ class DiskTier(Tier):
         with self._lock:
             return list(self.book.entries)
 
-    def pin(self, key: str) -> bool:
+    def pin(self, key: str, timeout: float | None = None, renew: bool = False) -> bool:
+        # in-process book: the engine's own pin_timeout_s releases it, and it dies with the process
         with self._lock:
             entry = self.book.entries.get(key)
             if entry is None:
                 return False
-            entry.pins += 1
+            entry.pins += 0 if renew and entry.pins else 1
             return True
 
     def unpin(self, key: str) -> bool:

@@ -154,8 +154,9 @@ class HotTier(Tier):
             self._error("keys", exc)
             return []
 
-    def pin(self, key: str) -> bool:
-        return bool(self.pool.pin(key))
+    def pin(self, key: str, timeout: float | None = None, renew: bool = False) -> bool:
+        # the deadline lives in the shared pool: a SIGKILLed engine's pins lapse after `timeout`
+        return bool(self.pool.pin(key, timeout, renew))
 
     def unpin(self, key: str) -> bool:
         return bool(self.pool.unpin(key))

@@ -399,11 +399,12 @@ class RemoteTier(Tier):
         found = self._guard("scan", run, None)
         return sorted(set(known) | set(found or ()))
 
-    def pin(self, key: str) -> bool:
+    def pin(self, key: str, timeout: float | None = None, renew: bool = False) -> bool:
+        # in-process book: the engine's own pin_timeout_s releases it, and it dies with the process
         with self._lock:
             entry = self.book.entries.get(key)
             if entry is not None:
-                entry.pins += 1
+                entry.pins += 0 if renew and entry.pins else 1
                 return True
         return False
 
