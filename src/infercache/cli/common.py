@@ -47,6 +47,15 @@ class ListFormat(str, Enum):
     csv = "csv"
 
 
+#: The options several commands share, declared once (Typer reads an OptionInfo as a default, so one
+#: object can serve every command). `--format table|json` of every command that prints one result:
+FORMAT = typer.Option(OutputFormat.table, "--format", help="table or json.")
+#: `--dry-run` of every command that plans a change before it makes it.
+DRY_RUN = typer.Option(False, "--dry-run", help="Print the plan and the bytes it frees; change nothing.")
+#: `--yes` of every command that asks before it deletes.
+YES = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation.")
+
+
 @dataclass
 class GlobalOptions:
     """Options given before the sub-command (`infercache -v --data-dir D kernels ...`)."""

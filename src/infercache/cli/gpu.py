@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import typer
 from rich.table import Table
 
-from infercache.cli.common import OutputFormat, console, handle_errors, print_json
+from infercache.cli.common import FORMAT, OutputFormat, console, handle_errors, print_json
 from infercache.gpu import detect
 from infercache.gpu.compat import installed_triton_version
 from infercache.gpu.targets import format_ptx_version
@@ -13,7 +12,7 @@ from infercache.gpu.targets import format_ptx_version
 
 @handle_errors
 def gpu_command(
-    format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+    format: OutputFormat = FORMAT,
 ) -> None:
     """Show local GPUs and their Triton targets (what `vault check`/`unpack` match against)."""
     gpus = detect.detect_gpus()

@@ -13,6 +13,9 @@ from typing import Any, Callable, List, Optional, Sequence, TypeVar
 import typer
 
 from infercache.cli.common import (
+    DRY_RUN,
+    FORMAT,
+    YES,
     ListFormat,
     OutputFormat,
     console,
@@ -49,11 +52,6 @@ MODE = typer.Option("auto", "--mode", help="auto, triton, vllm or inductor.")
 KIND = typer.Option(None, "--kind", help="Artifact kind (repeatable): fxgraph, aotautograd, module, autotune, "
                                         "vllm-artifact, vllm-graph, aot-model.")
 
-
-#: The table/json switch of commands that print one result.
-FORMAT = typer.Option(OutputFormat.table, "--format", help="table or json.")
-DRY_RUN = typer.Option(False, "--dry-run", help="Print the plan and the bytes it frees; change nothing.")
-YES = typer.Option(False, "-y", "--yes", help="Do not ask for confirmation.")
 
 #: The kernel filter flags (KernelFilter.build's keywords, their types and options) of `list` and `prune`.
 FILTER_FLAGS: tuple[tuple[str, Any, Any], ...] = (

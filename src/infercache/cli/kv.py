@@ -14,6 +14,8 @@ import typer
 from rich.table import Table
 
 from infercache.cli.common import (
+    DRY_RUN,
+    FORMAT,
     OutputFormat,
     console,
     err_console,
@@ -113,7 +115,7 @@ def _pools_table(rows: list[dict[str, Any]], title: str) -> Table:
 @handle_errors
 def list_pools(
     ctx: typer.Context,
-    format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+    format: OutputFormat = FORMAT,
 ) -> None:
     """Every pool registered on this host."""
     rows = [row.to_json() for row in Pool.list_pools(data_dir=_data_dir(ctx))]
@@ -185,7 +187,7 @@ def _status_table(stats: dict[str, Any]) -> Table:
 def status(
     ctx: typer.Context,
     name: Optional[str] = typer.Argument(None, help="Pool name; all pools when left out."),
-    format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+    format: OutputFormat = FORMAT,
 ) -> None:
     """Details of one pool (or of every pool): size, use, entries, counters."""
     if name is None:
@@ -215,8 +217,8 @@ def evict(
     ),
     bytes_: Optional[str] = typer.Option(None, "--bytes", help="Evict at least this many bytes (e.g. 64M)."),
     expired: bool = typer.Option(False, "--expired", help="Evict the entries whose TTL has passed."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be evicted and the bytes it frees; change nothing."),
-    format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+    dry_run: bool = DRY_RUN,
+    format: OutputFormat = FORMAT,
 ) -> None:
     """Evict entries by the pool's policy (pinned entries stay): planned, then executed."""
     with _open(ctx, name) as pool:
@@ -284,7 +286,7 @@ def check(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Pool name."),
     repair: bool = typer.Option(False, "--repair", help="Rebuild derived state from the entry table."),
-    format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+    format: OutputFormat = FORMAT,
 ) -> None:
     """Verify every invariant of the pool; exit 1 when it is inconsistent (after --repair: still)."""
     with _open(ctx, name) as pool:
@@ -307,7 +309,7 @@ def check(
 @app.command("policies")
 @handle_errors
 def policies(
-    format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+    format: OutputFormat = FORMAT,
 ) -> None:
     """The eviction policies a pool can use."""
     if format is OutputFormat.json:

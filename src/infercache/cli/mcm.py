@@ -16,6 +16,8 @@ from rich.table import Table
 
 from infercache.cli import kernels as k
 from infercache.cli.common import (
+    DRY_RUN,
+    YES,
     GlobalOptions,
     OutputFormat,
     console,
@@ -99,8 +101,8 @@ def prune_command(
     flt: KernelFilter,
     full: bool = typer.Option(False, "--full", help="Delete entire kernel directories (default: only IR files)."),
     deduplicate: bool = typer.Option(False, "--deduplicate", help="Keep only the newest copy of duplicate kernels."),
-    yes: bool = k.YES,
-    dry_run: bool = k.DRY_RUN,
+    yes: bool = YES,
+    dry_run: bool = DRY_RUN,
 ) -> None:
     """Prune kernels: IR files by default, `--full` directories, or `--deduplicate`."""
     strategy, _ = k.choose_strategy(full, deduplicate, None, False)

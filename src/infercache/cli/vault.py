@@ -9,7 +9,7 @@ from typing import Any, List, Optional
 import typer
 from rich.table import Table
 
-from infercache.cli.common import OutputFormat, console, err_console, handle_errors, print_json, progress_bar
+from infercache.cli.common import FORMAT, OutputFormat, console, err_console, handle_errors, print_json, progress_bar
 from infercache.units import format_size
 from infercache.vault.auth import registry_options
 from infercache.vault.check import check_image
@@ -85,7 +85,7 @@ def pack_command(
 @handle_errors
 def inspect_command(
     image_ref: str = typer.Argument(..., help="Image reference."),
-    format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+    format: OutputFormat = FORMAT,
     tls_verify: bool = TLS,
     authfile: Optional[Path] = AUTHFILE,
     creds: Optional[str] = CREDS,
@@ -121,7 +121,7 @@ def inspect_command(
 def check_command(
     image_ref: str = typer.Argument(..., help="Image reference."),
     target: Optional[List[str]] = TARGETS,
-    format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+    format: OutputFormat = FORMAT,
     tls_verify: bool = TLS,
     authfile: Optional[Path] = AUTHFILE,
     creds: Optional[str] = CREDS,
@@ -160,7 +160,7 @@ def unpack_command(
     target: Optional[List[str]] = TARGETS,
     force: bool = typer.Option(False, "--force", help="Unpack the compatible entries even if the image summary says it does not fit."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace entries that already exist."),
-    format: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json report."),
+    format: OutputFormat = FORMAT,
     tls_verify: bool = TLS,
     authfile: Optional[Path] = AUTHFILE,
     creds: Optional[str] = CREDS,

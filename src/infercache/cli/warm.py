@@ -15,6 +15,7 @@ from typing import Any, List, Optional
 import typer
 
 from infercache.cli.common import (
+    FORMAT,
     OutputFormat,
     console,
     err_console,
@@ -80,7 +81,7 @@ def warm_command(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Triton cache to fill "
                                                                        "(default: $TRITON_CACHE_DIR...)."),
     jobs: int = typer.Option(os.cpu_count() or 1, "--jobs", "-j", help="Parallel compile processes."),
-    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", help="table or json."),
+    fmt: OutputFormat = FORMAT,
     model: Optional[str] = typer.Option(None, "--model", help="Warm a vLLM cache by running MODEL in a container."),
     rocm: bool = typer.Option(False, "--rocm", help="Use the ROCm image and AMD GPU devices."),
     engine: str = typer.Option("podman", "--engine", help="podman or docker."),
