@@ -33,6 +33,7 @@ from infercache.kernels.indexer import index
 from infercache.kernels.prune import plan_prune
 from infercache.kernels.query import KernelFilter, normalise_kinds, parse_sort, query, query_artifacts
 from infercache.kernels.stats import compute_stats, zero_counters
+from infercache.kernels.triton_entry import KERNEL_FIELDS
 from infercache.units import format_size, parse_size
 
 app = typer.Typer(help="Compiled-kernel caches (Triton, vLLM, Inductor): index, list, prune, stats.",
@@ -165,8 +166,7 @@ def _records_table(records: Sequence[Any], title: Optional[str] = None) -> Any:
     return table
 
 
-CSV_COLUMNS = ("key", "name", "backend", "arch", "warp_size", "num_warps", "num_stages", "num_ctas", "shared",
-               "ptx_version", "triton_version", "hash", "mode", "path", "cache_root", "total_size", "modified",
+CSV_COLUMNS = ("key", *KERNEL_FIELDS, "mode", "path", "cache_root", "total_size", "modified",
                "hits", "misses", "last_access", "vllm_hash", "vllm_rank", "vllm_prefix")
 
 

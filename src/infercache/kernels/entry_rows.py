@@ -22,7 +22,14 @@ from typing import Any, Iterable, Mapping
 
 from infercache.kernels.catalog import Catalog
 from infercache.kernels.discovery import VllmInfo
-from infercache.kernels.triton_entry import EntryScan, NotAKernel, scan, tree_size
+from infercache.kernels.triton_entry import (
+    KERNEL_FIELDS,
+    SCAN_KERNEL_FIELDS,
+    EntryScan,
+    NotAKernel,
+    scan,
+    tree_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -130,16 +137,14 @@ def prepare(path: str, st: os.stat_result | None, info: CacheDirInfo, now: float
     return ("k", path, sig, entry_row(result, info, sig, now), result.files, extras)
 
 
-_ENTRY_COLUMNS = (
-    "path, parent, key, cache_root, mode, name, backend, arch, warp_size, num_warps, num_stages, num_ctas, "
-    "shared, maxnreg, ptx_version, enable_fp_fusion, triton_version, hash, total_size, modified, files_json, "
-    "group_file, dedup_key, vllm_hash, vllm_rank, vllm_prefix, signature, indexed_at, metadata"
+#: The `entries` columns entry_row fills, in its order (the kernel fields under their own names).
+_ENTRY_COLUMNS: tuple[str, ...] = (
+    "path", "parent", "key", "cache_root", "mode", *KERNEL_FIELDS, "maxnreg", "enable_fp_fusion", "total_size",
+    "modified", "files_json", "group_file", "dedup_key", "vllm_hash", "vllm_rank", "vllm_prefix", "signature",
+    "indexed_at", "metadata",
 )
-_INSERT = f"INSERT INTO entries(id, {_ENTRY_COLUMNS}) VALUES ({','.join('?' * 30)})"
-_UPSERT = (
-    _INSERT + " ON CONFLICT(path) DO UPDATE SET "
-    + ", ".join(f"{c.strip()} = excluded.{c.strip()}" for c in _ENTRY_COLUMNS.split(",")[1:])
-)
+_INSERT = f"INSERT INTO entries(id, {', '.join(_ENTRY_COLUMNS)}) VALUES ({','.join('?' * (1 + len(_ENTRY_COLUMNS)))})"
+_UPSERT = _INSERT + " ON CONFLICT(path) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in _ENTRY_COLUMNS[1:])
 
 
 def entry_row(entry: EntryScan, tcd: CacheDirInfo, sig: str, now: float) -> tuple[Any, ...]:
@@ -155,19 +160,9 @@ def entry_row(entry: EntryScan, tcd: CacheDirInfo, sig: str, now: float) -> tupl
         os.path.basename(path),
         tcd.root_s,
         tcd.mode,
-        entry.name,
-        entry.backend,
-        entry.arch,
-        entry.warp_size,
-        entry.num_warps,
-        entry.num_stages,
-        entry.num_ctas,
-        entry.shared,
+        *entry[SCAN_KERNEL_FIELDS],
         maxnreg if isinstance(maxnreg, int) else None,
-        entry.ptx_version,
         int(fp_fusion) if isinstance(fp_fusion, bool) else None,
-        entry.triton_version,
-        entry.hash,
         entry.total_size,
         entry.modified,
         entry.files_by_type_json(),

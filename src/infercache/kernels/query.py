@@ -21,6 +21,7 @@ from infercache.errors import BadInputError
 from infercache.gpu.targets import arch_name, normalize_backend
 from infercache.kernels.catalog import Catalog
 from infercache.kernels.discovery import check_root
+from infercache.kernels.triton_entry import KERNEL_FIELD_TYPES, KERNEL_FIELDS
 from infercache.units import parse_duration
 
 MODES = ("auto", "triton", "vllm", "inductor")
@@ -176,41 +177,40 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-class KernelRecord(NamedTuple):
+#: A `list` row: (field, SQL expression over `entries e LEFT JOIN usage u`), in KernelRecord's order.
+_ROW: tuple[tuple[str, Any, str], ...] = (
+    ("id", int, "e.id"),
+    ("key", str, "e.key"),
+    *((name, kind, f"e.{name}") for name, kind in KERNEL_FIELD_TYPES),
+    ("mode", str, "e.mode"),
+    ("path_str", str, "e.path"),
+    ("cache_root_str", str, "e.cache_root"),
+    ("total_size", int, "e.total_size"),
+    ("files_json", str, "e.files_json"),
+    ("modified", float, "e.modified"),
+    ("hits", int, "coalesce(u.hits, 0)"),
+    ("misses", int, "coalesce(u.misses, 0)"),
+    ("last_access", float | None, "u.last_access"),
+    ("vllm_hash", str | None, "e.vllm_hash"),
+    ("vllm_rank", str | None, "e.vllm_rank"),
+    ("vllm_prefix", str | None, "e.vllm_prefix"),
+    ("group_file_str", str | None, "e.group_file"),
+    ("dedup_key", str, "e.dedup_key"),
+)
+#: Where the kernel fields stand in a KernelRecord (after id and key).
+_RECORD_KERNEL_FIELDS = slice(2, 2 + len(KERNEL_FIELDS))
+
+
+class KernelRecord(NamedTuple("_KernelRow", [(name, kind) for name, kind, _sql in _ROW])):  # type: ignore[misc]
     """One catalog row as `list` shows it (raw numbers; `to_json` gives the spec's shape).
 
     Immutable, and a NamedTuple rather than a dataclass on purpose: it is built straight from
     the SQLite row tuple (`_make`), so `list` on 10,000 kernels spends no Python per field;
-    paths, files and vLLM info are converted on access.
+    paths, files and vLLM info are converted on access. Fields: id, key, the kernel fields
+    (triton_entry.KERNEL_FIELDS), then mode, paths, sizes, usage and vLLM info (see `_ROW`).
     """
 
-    id: int
-    key: str
-    name: str
-    backend: str
-    arch: str
-    warp_size: int | None
-    num_warps: int | None
-    num_stages: int | None
-    num_ctas: int | None
-    shared: int | None
-    ptx_version: int | None
-    triton_version: str | None
-    hash: str | None
-    mode: str
-    path_str: str
-    cache_root_str: str
-    total_size: int
-    files_json: str
-    modified: float
-    hits: int
-    misses: int
-    last_access: float | None
-    vllm_hash: str | None
-    vllm_rank: str | None
-    vllm_prefix: str | None
-    group_file_str: str | None
-    dedup_key: str
+    __slots__ = ()
 
     @property
     def path(self) -> Path:
@@ -243,17 +243,7 @@ class KernelRecord(NamedTuple):
     def to_json(self) -> dict[str, Any]:
         return {
             "key": self.key,
-            "name": self.name,
-            "backend": self.backend,
-            "arch": self.arch,
-            "warp_size": self.warp_size,
-            "num_warps": self.num_warps,
-            "num_stages": self.num_stages,
-            "num_ctas": self.num_ctas,
-            "shared": self.shared,
-            "ptx_version": self.ptx_version,
-            "triton_version": self.triton_version,
-            "hash": self.hash,
+            **dict(zip(KERNEL_FIELDS, self[_RECORD_KERNEL_FIELDS])),
             "mode": self.mode,
             "path": self.path_str,
             "cache_root": self.cache_root_str,
@@ -267,13 +257,7 @@ class KernelRecord(NamedTuple):
         }
 
 
-_SELECT = (
-    "SELECT e.id, e.key, e.name, e.backend, e.arch, e.warp_size, e.num_warps, e.num_stages, e.num_ctas, "
-    "e.shared, e.ptx_version, e.triton_version, e.hash, e.mode, e.path, e.cache_root, e.total_size, "
-    "e.files_json, e.modified, coalesce(u.hits, 0), coalesce(u.misses, 0), u.last_access, "
-    "e.vllm_hash, e.vllm_rank, e.vllm_prefix, e.group_file, e.dedup_key "
-    "FROM entries e LEFT JOIN usage u ON u.key = e.key"
-)
+_SELECT = f"SELECT {', '.join(sql for _n, _k, sql in _ROW)} FROM entries e LEFT JOIN usage u ON u.key = e.key"
 
 
 def query(

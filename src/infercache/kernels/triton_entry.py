@@ -24,7 +24,7 @@ import stat
 from collections import (
     abc,  # isinstance against abc, not typing: typing's check is slow
 )
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple
 
@@ -55,11 +55,14 @@ class EntryFile:
 
 
 @dataclass(frozen=True)
-class TritonEntry:
-    """One compiled kernel as found on disk (raw numbers; presentation is the caller's)."""
+class KernelFacts:
+    """What a kernel's metadata says about it: the one list of kernel fields.
 
-    key: str
-    path: Path
+    Every other holder of these fields takes them from :data:`KERNEL_FIELDS`, in this order and
+    under these names: :class:`TritonEntry` (a subclass), :class:`EntryScan`, the catalog's
+    `entries` columns, `KernelRecord` and `kernels list --format json|csv`, the pack manifest.
+    """
+
     name: str
     backend: str
     arch: str
@@ -71,6 +74,23 @@ class TritonEntry:
     ptx_version: int | None
     triton_version: str | None
     hash: str | None
+
+
+#: The kernel fields' names, in order (also the catalog's column names and the JSON keys).
+KERNEL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(KernelFacts))
+#: (name, annotation) of each kernel field, for the NamedTuples that hold them as plain values.
+KERNEL_FIELD_TYPES: tuple[tuple[str, Any], ...] = tuple((f.name, f.type) for f in fields(KernelFacts))
+
+
+@dataclass(frozen=True)
+class TritonEntry(KernelFacts):
+    """One compiled kernel as found on disk (raw numbers; presentation is the caller's).
+
+    The kernel fields come first (from :class:`KernelFacts`), then where and what it is on disk.
+    """
+
+    key: str
+    path: Path
     files: tuple[EntryFile, ...]
     group_file: Path | None
     metadata: Mapping[str, Any]
@@ -232,40 +252,32 @@ _DIR_FLAGS = _OPEN_FLAGS | getattr(os, "O_DIRECTORY", 0)
 _USE_DIR_FD = os.stat in os.supports_dir_fd and os.open in os.supports_dir_fd and os.listdir in os.supports_fd
 
 
-class EntryScan(NamedTuple):
-    """A kernel entry as plain values: what :func:`scan` returns.
+_EntryScanRow = NamedTuple("_EntryScanRow", [  # type: ignore[misc]
+    ("path", str),
+    *KERNEL_FIELD_TYPES,
+    ("files", list[tuple[str, str, int]]),  # (name, type, size) of every regular file, sorted by name
+    ("group_name", str),
+    ("metadata", dict[str, Any]),
+    ("raw", bytes),  # the metadata file's bytes as read (valid JSON: stored as is, never re-encoded)
+    ("total_size", int),
+    ("modified", float),
+    ("leftovers", list[str]),  # paths of `tmp.pid_*` sub-directories (interrupted writes)
+    ("children", list[str]),  # names the group file lists
+    ("orphans", list[tuple[str, int, float]]),  # (name, size, mtime) of files the group file does not list
+])
+#: Where the kernel fields stand in an EntryScan (right after `path`).
+SCAN_KERNEL_FIELDS = slice(1, 1 + len(KERNEL_FIELDS))
+
+
+class EntryScan(_EntryScanRow):
+    """A kernel entry as plain values: what :func:`scan` returns (`path`, the kernel fields, then files).
 
     Why a NamedTuple and str paths: the indexer scans tens of thousands of entries and
     turns each straight into catalog rows; frozen dataclasses and `Path` objects cost more
     than the parsing itself. :meth:`to_entry` gives the :class:`TritonEntry` other callers use.
     """
 
-    path: str
-    name: str
-    backend: str
-    arch: str
-    warp_size: int | None
-    num_warps: int | None
-    num_stages: int | None
-    num_ctas: int | None
-    shared: int | None
-    ptx_version: int | None
-    triton_version: str | None
-    hash: str | None
-    #: (name, type, size) of every regular file, sorted by name.
-    files: list[tuple[str, str, int]]
-    group_name: str
-    metadata: dict[str, Any]
-    #: The metadata file's bytes as read (valid JSON: stored as is, never re-encoded).
-    raw: bytes
-    total_size: int
-    modified: float
-    #: Paths of `tmp.pid_*` sub-directories (interrupted writes).
-    leftovers: list[str]
-    #: Names the group file lists.
-    children: list[str]
-    #: (name, size, mtime) of files the group file does not list (and that are not the group file).
-    orphans: list[tuple[str, int, float]]
+    __slots__ = ()
 
     @property
     def key(self) -> str:
@@ -291,19 +303,9 @@ class EntryScan(NamedTuple):
     def to_entry(self) -> TritonEntry:
         path = Path(self.path)
         return TritonEntry(
+            *self[SCAN_KERNEL_FIELDS],
             key=path.name,
             path=path,
-            name=self.name,
-            backend=self.backend,
-            arch=self.arch,
-            warp_size=self.warp_size,
-            num_warps=self.num_warps,
-            num_stages=self.num_stages,
-            num_ctas=self.num_ctas,
-            shared=self.shared,
-            ptx_version=self.ptx_version,
-            triton_version=self.triton_version,
-            hash=self.hash,
             files=tuple(EntryFile(n, t, s) for n, t, s in self.files),
             group_file=path / self.group_name,
             metadata=self.metadata,

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from infercache.errors import BadInputError, InfercacheError
 from infercache.kernels.discovery import TritonCacheDir, detect_mode, discover
-from infercache.kernels.triton_entry import TMP_PREFIX, TritonEntry, group_children, parse_entry
+from infercache.kernels.triton_entry import KERNEL_FIELDS, TMP_PREFIX, TritonEntry, group_children, parse_entry
 from infercache.vault import inductor as vault_inductor
 from infercache.vault import labels as L
 from infercache.vault.image import (
@@ -128,19 +128,10 @@ def _entry_files(entry: Any, arcdir: str) -> list[PackFile]:
     return files
 
 
-def _record(entry: Any, files: list[PackFile]) -> dict[str, Any]:
+def _record(entry: TritonEntry, files: list[PackFile]) -> dict[str, Any]:
     return {
         "key": entry.key,
-        "name": entry.name,
-        "hash": entry.hash,
-        "backend": entry.backend,
-        "arch": entry.arch,
-        "warp_size": entry.warp_size,
-        "num_warps": entry.num_warps,
-        "num_stages": entry.num_stages,
-        "num_ctas": entry.num_ctas,
-        "ptx_version": entry.ptx_version,
-        "triton_version": entry.triton_version,
+        **{f: getattr(entry, f) for f in KERNEL_FIELDS},
         "files": [{"name": f.arcname.rsplit("/", 1)[1], "size": f.size} for f in files],
     }
 
