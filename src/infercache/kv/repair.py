@@ -205,7 +205,7 @@ def repair(st: "PoolState") -> list[str]:
 
 def check_and_repair(st: "PoolState", fix: bool, recovered: list[str]) -> CheckReport:
     """`Pool.check`'s work under the exclusive lock; `recovered`: recovery notes so far."""
-    recovered = recovered + st.reclaim_orphans()
+    recovered = recovered + st.reclaim_orphans() + st.clear_lapsed_pins()
     found = problems(st)
     repaired: list[str] = []
     ok = not found

@@ -180,26 +180,24 @@ class PoolState:
         self.hq[HDR_EVICTIONS] += 1
 
     def victims(self, queues: Queues | None = None) -> Iterator[int]:
-        """Evictable entries in the policy's order (`queues`: where queue moves go; the table by default).
+        """Evictable entries in the policy's order (`queues`: where queue moves go; the table by default);
+        entries whose pins are past their deadline are evictable (the pins go with them)."""
+        return victims(self.policy, self, time.time(), queues or TableQueues(self))
 
-        Entries whose pins are past their deadline are evictable; with the default `queues` (a real
-        eviction, under the exclusive lock) their stale pins are also cleared here, where noticed."""
-        now = time.time()
-        if queues is None:
-            self.clear_stale_pins(now)
-        return victims(self.policy, self, now, queues or TableQueues(self))
-
-    def clear_stale_pins(self, now: float) -> int:
-        """Drop the pins whose deadline has passed (a pinner that died, or forgot); entries cleared."""
+    def clear_lapsed_pins(self) -> list[str]:
+        """Zero the pins whose deadline has passed (a pinner that died, or forgot): every reader
+        already treats them as none; `check` tidies the records (pin, unpin and put do it one by one)."""
         import numpy as np
 
         rows = self.rows()
-        stale = np.flatnonzero(EntryTable.stale_pins(rows, now))
-        if len(stale):
-            rows["pins"][stale] = 0
-            rows["pin_deadline"][stale] = 0.0
-            log.info("pool %s: %d entries' pins passed their deadline; cleared", self.name, len(stale))
-        return len(stale)
+        lapsed = np.flatnonzero(EntryTable.stale_pins(rows, time.time()))
+        if not len(lapsed):
+            return []
+        rows["pins"][lapsed] = 0
+        rows["pin_deadline"][lapsed] = 0.0
+        note = f"cleared the pins of {len(lapsed)} entries whose pin deadline had passed"
+        log.info("pool %s: %s", self.name, note)
+        return [note]
 
     def make_room(self, nblocks: int) -> tuple[int, int]:
         """(slot, first block) for a new entry, evicting by policy as needed; (-1, -1) if impossible.

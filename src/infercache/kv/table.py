@@ -290,9 +290,16 @@ class EntryTable:
 
     @staticmethod
     def unpinned(rows: "np.ndarray", now: float) -> "np.ndarray":
-        """Mask of records no live pin protects (no pins, or their deadline has passed)."""
-        deadline = rows["pin_deadline"]
-        return (rows["pins"] == 0) | ((deadline > 0) & (deadline <= now))
+        """Mask of records no live pin protects (no pins, or their deadline has passed). Pinned
+        records are few, so only their deadlines are read (the eviction scan stays about as fast)."""
+        import numpy as np
+
+        free = rows["pins"] == 0
+        if not free.all():
+            held = np.flatnonzero(~free)
+            deadline = rows["pin_deadline"][held]
+            free[held[(deadline > 0) & (deadline <= now)]] = True
+        return free
 
     @staticmethod
     def stale_pins(rows: "np.ndarray", now: float) -> "np.ndarray":
