@@ -356,7 +356,7 @@ def test_half_built_pool_files_of_dead_builders_are_swept(make_pool) -> None:
 
 
 def test_long_keys_live_with_their_data(make_pool, tmp_path: Path) -> None:
-    """Keys over 128 bytes (e.g. model@world@worker@sha256@dtype with a long model name) are kept
+    """Keys over 120 bytes (e.g. model@world@worker@sha256@dtype with a long model name) are kept
     at the start of the entry's blocks: lookups, eviction, prefixes, check and snapshots work."""
     pool = make_pool(size="64K", block_size="1K", policy="fifo")
     long_a = "meta-llama/" + "x" * 150 + "@1@0@" + "ab" * 32 + "@float16"
