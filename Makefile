@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench system-deps venv clean
+.PHONY: demo test bench bench-peers system-deps venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -27,5 +27,16 @@ test: $(STAMP) system-deps
 bench: $(STAMP) system-deps
 	@set -e; for f in bench/*.py; do echo "== $$f"; $(PY) $$f; done
 
+# LMCache 0.5.6 in a venv of its own (its pinned CUDA stack stays out of ours): --no-deps plus the
+# pure-Python packages its token database and disk backend import, then the same data through both.
+PEERS ?= .venv-peers
+LMCACHE_NEEDS := cachetools msgspec aiofile aiohttp pyzmq psutil py-cpuinfo cryptography numba sortedcontainers transformers
+bench-peers: $(STAMP) system-deps
+	@test -x $(PEERS)/bin/python || python3 -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q 'torch==2.13.0'
+	$(PEERS)/bin/python -m pip install -q -e . $(LMCACHE_NEEDS)
+	$(PEERS)/bin/python -m pip install -q --no-deps 'lmcache==0.5.6'
+	$(PY) bench/kv_engine.py --lmcache-python $(PEERS)/bin/python
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(PEERS) .pytest_cache
