@@ -174,7 +174,7 @@ def _status_table(stats: dict[str, Any]) -> Table:
             continue
         if key.endswith("_bytes") and isinstance(value, int):
             text = f"{format_size(value)} ({value})"
-        elif key == "created" and isinstance(value, (int, float)):
+        elif key in ("created", "next_pin_deadline") and isinstance(value, (int, float)):
             text = datetime.fromtimestamp(value, tz=timezone.utc).isoformat(timespec="seconds")
         else:
             text = _cell(value)
