@@ -10,7 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from infercache import __version__
-from infercache.cli.common import GlobalOptions, setup_logging
+from infercache.cli.common import VERBOSE, data_dir_option, start_root
 
 #: Sub-command → (module, attribute): a Typer app (a group) or a command function. Data, not
 #: imports: `infercache kernels list` loads the kernels CLI only, not the vault's or the KV
@@ -53,6 +53,9 @@ app = typer.Typer(
 )
 
 
+DATA_DIR = data_dir_option()
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"infercache {__version__}")
@@ -62,14 +65,11 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     ctx: typer.Context,
-    verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="-v warnings, -vv info, -vvv debug."),
-    data_dir: Optional[Path] = typer.Option(
-        None, "--data-dir", envvar="INFERCACHE_DATA_DIR", help="Where the catalog lives."
-    ),
+    verbose: int = VERBOSE,
+    data_dir: Optional[Path] = DATA_DIR,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
 ) -> None:
-    setup_logging(verbose)
-    ctx.obj = GlobalOptions(data_dir=data_dir, verbosity=verbose)
+    start_root(ctx, verbose, data_dir)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import typer
 from rich.console import Console
@@ -27,6 +28,7 @@ from rich.progress import (
 )
 
 from infercache.errors import InfercacheError
+from infercache.paths import DATA_DIR_ENV
 
 # Piped tables are read by grep and people alike: don't squeeze them into 80 columns.
 _PIPE_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
@@ -62,6 +64,51 @@ class GlobalOptions:
 
     data_dir: Path | None = None
     verbosity: int = 0
+
+
+def data_dir_option(hidden: bool = False) -> Any:
+    """`--data-dir` (env INFERCACHE_DATA_DIR) of a root command; `hidden` where a compatible front end's help omits it."""
+    return typer.Option(None, "--data-dir", envvar=DATA_DIR_ENV, hidden=hidden, help="Where the catalog lives.")
+
+
+#: `-v/-vv/-vvv` of a root command (see setup_logging).
+VERBOSE = typer.Option(0, "-v", "--verbose", count=True, help="-v warnings, -vv info, -vvv debug.")
+
+
+def start_root(ctx: typer.Context, verbose: int, data_dir: Optional[Path]) -> None:
+    """What a root command (`infercache`, `mcm`) does with its global options before any sub-command."""
+    setup_logging(verbose)
+    ctx.obj = GlobalOptions(data_dir=data_dir, verbosity=verbose)
+
+
+#: A group of flags given as one value: (parameter name, annotation, typer.Option) each.
+Flags = Sequence[tuple[str, Any, Any]]
+
+
+def bundle_options(param: str, flags: Flags, build: Callable[..., Any]) -> Callable[[F], F]:
+    """Give a command the options `flags` in place of its parameter `param`, which gets `build(**their values)`.
+
+    Why: flags that several commands share (kernel filters, registry access) and their mapping
+    onto one library value are declared once. Typer reads the command's `__signature__`.
+    """
+
+    def decorate(func: F) -> F:
+        sig = inspect.signature(func, eval_str=True)
+        params = list(sig.parameters.values())
+        at = [p.name for p in params].index(param)
+        added = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=opt, annotation=t)
+                 for n, t, opt in flags]
+        names = [n for n, _t, _o in flags]
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            kwargs[param] = build(**{n: kwargs.pop(n) for n in names})
+            return func(*args, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=params[:at] + added + params[at + 1:])  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def global_options(ctx: typer.Context | None) -> GlobalOptions:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from infercache.cli.common import FORMAT, OutputFormat, console, handle_errors, print_json
+from infercache.cli.common import (
+    FORMAT,
+    OutputFormat,
+    console,
+    handle_errors,
+    print_json,
+)
 from infercache.gpu import detect
 from infercache.gpu.compat import installed_triton_version
 from infercache.gpu.targets import format_ptx_version

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import functools
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -16,8 +14,10 @@ from infercache.cli.common import (
     DRY_RUN,
     FORMAT,
     YES,
+    Flags,
     ListFormat,
     OutputFormat,
+    bundle_options,
     console,
     err_console,
     global_options,
@@ -31,7 +31,13 @@ from infercache.kernels.artifact_prune import plan_artifact_prune
 from infercache.kernels.catalog import Catalog
 from infercache.kernels.indexer import index
 from infercache.kernels.prune import plan_prune
-from infercache.kernels.query import KernelFilter, normalise_kinds, parse_sort, query, query_artifacts
+from infercache.kernels.query import (
+    KernelFilter,
+    normalise_kinds,
+    parse_sort,
+    query,
+    query_artifacts,
+)
 from infercache.kernels.stats import compute_stats, zero_counters
 from infercache.kernels.triton_entry import KERNEL_FIELDS
 from infercache.units import format_size, parse_size
@@ -55,7 +61,7 @@ KIND = typer.Option(None, "--kind", help="Artifact kind (repeatable): fxgraph, a
 
 
 #: The kernel filter flags (KernelFilter.build's keywords, their types and options) of `list` and `prune`.
-FILTER_FLAGS: tuple[tuple[str, Any, Any], ...] = (
+FILTER_FLAGS: Flags = (
     ("name", Optional[str], NAME),
     ("name_like", Optional[str], NAME_LIKE),
     ("backend", Optional[str], BACKEND),
@@ -71,32 +77,17 @@ FILTER_FLAGS: tuple[tuple[str, Any, Any], ...] = (
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def with_filter(flags: Sequence[tuple[str, Any, Any]] = FILTER_FLAGS) -> Callable[[F], F]:
+def _build_filter(cache_dirs: Path | Sequence[Path] | None = None, **values: Any) -> KernelFilter:
+    dirs = [cache_dirs] if isinstance(cache_dirs, Path) else (cache_dirs or ())
+    return KernelFilter.build(cache_dirs=dirs, **values)
+
+
+def with_filter(flags: Flags = FILTER_FLAGS) -> Callable[[F], F]:
     """Give a command the filter `flags` in place of its `flt` parameter, which gets them as one KernelFilter.
 
-    Why: `kernels list|prune` and `mcm list|prune` filter alike; the flags and their mapping onto
-    the library's filter are declared once. Typer reads the command's `__signature__`.
+    Why: `kernels list|prune` and `mcm list|prune` filter alike (mcm with one --cache-dir).
     """
-
-    def decorate(func: F) -> F:
-        sig = inspect.signature(func, eval_str=True)
-        params = list(sig.parameters.values())
-        at = [p.name for p in params].index("flt")
-        added = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=opt, annotation=t)
-                 for n, t, opt in flags]
-        names = [n for n, _t, _o in flags]
-
-        @functools.wraps(func)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            values = {n: kwargs.pop(n) for n in names}
-            dirs = values.pop("cache_dirs", None)
-            dirs = [dirs] if isinstance(dirs, Path) else (dirs or ())
-            return func(*args, flt=KernelFilter.build(cache_dirs=dirs, **values), **kwargs)
-
-        wrapper.__signature__ = sig.replace(parameters=params[:at] + added + params[at + 1:])  # type: ignore[attr-defined]
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
+    return bundle_options("flt", flags, _build_filter)
 
 
 def open_catalog(ctx: typer.Context) -> Any:

@@ -17,12 +17,13 @@ from rich.table import Table
 from infercache.cli import kernels as k
 from infercache.cli.common import (
     DRY_RUN,
+    VERBOSE,
     YES,
-    GlobalOptions,
     OutputFormat,
     console,
+    data_dir_option,
     handle_errors,
-    setup_logging,
+    start_root,
 )
 from infercache.cli.warm import run_container_warm
 from infercache.kernels.container_warm import (
@@ -48,11 +49,10 @@ MODE = typer.Option("auto", "--mode", help="triton or vllm (auto-detected if not
 @app.callback()
 def root(
     ctx: typer.Context,
-    verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="-v WARNING, -vv INFO, -vvv DEBUG."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="INFERCACHE_DATA_DIR", hidden=True),
+    verbose: int = VERBOSE,
+    data_dir: Optional[Path] = data_dir_option(hidden=True),
 ) -> None:
-    setup_logging(verbose)
-    ctx.obj = GlobalOptions(data_dir=data_dir, verbosity=verbose)
+    start_root(ctx, verbose, data_dir)
 
 
 def _dirs(cache_dir: Optional[Path]) -> Optional[list[Path]]:

@@ -15,10 +15,10 @@ from typing import List, Optional
 import typer
 
 from infercache.cli.common import console, handle_errors, print_json, setup_logging
+from infercache.cli.vault import with_registry
 from infercache.errors import BadInputError
 from infercache.gpu.hardware import hardware_info
 from infercache.paths import triton_cache_dir
-from infercache.vault.auth import registry_options
 from infercache.vault.baremetal import baremetal_check
 from infercache.vault.check import check_image
 from infercache.vault.inspect import image_targets
@@ -39,6 +39,7 @@ class LogLevel(str, Enum):
 
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 @handle_errors
+@with_registry
 def main_command(
     create: bool = typer.Option(False, "-c", "--create", help="Pack the cache in -d DIR into -i IMAGE (pushes)."),
     extract: bool = typer.Option(False, "-e", "--extract", help="Extract -i IMAGE into -d DIR (compatible entries)."),
@@ -61,9 +62,8 @@ def main_command(
     ),
     fmt: str = typer.Option("oci", "--format", help="Image media types for -c: oci or docker."),
     compression: str = typer.Option("gzip", "--compression", help="Layer compression for -c: gzip, zstd, none."),
-    tls_verify: bool = typer.Option(True, "--tls-verify/--no-tls-verify", help="Verify registry TLS certificates."),
-    authfile: Optional[Path] = typer.Option(None, "--authfile", help="Registry auth file (auth.json format)."),
-    creds: Optional[str] = typer.Option(None, "--creds", help="USER:PASSWORD for the registry."),
+    *,
+    options: RegistryOptions,
 ) -> None:
     """Model Cache Vault: package GPU kernel caches as OCI images, check and extract them."""
     setup_logging(level=log_level.value)
@@ -81,7 +81,6 @@ def main_command(
     if not image:
         raise BadInputError(f"{actions[0]} needs -i/--image IMAGE")
     reference = ImageReference.from_image_name(image)
-    options = registry_options(tls_verify, authfile, creds)
     if create:
         _create(reference, dir, fmt, compression, options)
     elif check_compat:

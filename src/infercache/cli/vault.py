@@ -9,13 +9,24 @@ from typing import Any, List, Optional
 import typer
 from rich.table import Table
 
-from infercache.cli.common import FORMAT, OutputFormat, console, err_console, handle_errors, print_json, progress_bar
+from infercache.cli.common import (
+    FORMAT,
+    Flags,
+    OutputFormat,
+    bundle_options,
+    console,
+    err_console,
+    handle_errors,
+    print_json,
+    progress_bar,
+)
 from infercache.units import format_size
 from infercache.vault.auth import registry_options
 from infercache.vault.check import check_image
 from infercache.vault.copy import copy_image
 from infercache.vault.inspect import inspect_image
 from infercache.vault.pack import COMPRESSIONS, FORMATS, pack
+from infercache.vault.reference import RegistryOptions
 from infercache.vault.unpack import unpack
 
 app = typer.Typer(
@@ -39,6 +50,10 @@ class PackMode(str, Enum):
 TLS = typer.Option(True, "--tls-verify/--no-tls-verify", help="Verify registry TLS certificates (default: verify).")
 AUTHFILE = typer.Option(None, "--authfile", help="Registry auth file (docker config.json format).")
 CREDS = typer.Option(None, "--creds", help="Registry credentials USER:PASS.")
+#: The registry-access flags of every command that reads or writes an image (vault's and mcv's).
+REGISTRY_FLAGS: Flags = (("tls_verify", bool, TLS), ("authfile", Optional[Path], AUTHFILE), ("creds", Optional[str], CREDS))
+#: Gives a command REGISTRY_FLAGS in place of its keyword-only `options`, checked (bad --creds/--authfile: exit 2).
+with_registry = bundle_options("options", REGISTRY_FLAGS, registry_options)
 TARGETS = typer.Option(None, "--target", help="BACKEND:ARCH[:WARP] to use instead of the local GPUs (repeatable).")
 
 
@@ -54,6 +69,7 @@ def _targets_text(targets: list[dict[str, Any]]) -> str:
 
 @app.command("pack")
 @handle_errors
+@with_registry
 def pack_command(
     cache_dir: Path = typer.Argument(..., help="The cache directory to pack."),
     image_ref: str = typer.Argument(..., help="oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG], docker://HOST/REPO[:TAG]."),
@@ -62,12 +78,10 @@ def pack_command(
     compression: Compression = typer.Option(  # type: ignore[valid-type]
         "gzip", "--compression", help="gzip, zstd or none (docker: gzip only)."),
     name: Optional[str] = typer.Option(None, "--name", help="Image title (org.opencontainers.image.title)."),
-    tls_verify: bool = TLS,
-    authfile: Optional[Path] = AUTHFILE,
-    creds: Optional[str] = CREDS,
+    *,
+    options: RegistryOptions,
 ) -> None:
     """Pack a Triton or vLLM cache into an image, without any container daemon."""
-    options = registry_options(tls_verify, authfile, creds)
     with progress_bar("packing", in_bytes=True) as progress:
         result = pack(cache_dir, image_ref, mode=mode.value, fmt=fmt.value, compression=compression.value,
                       title=name, options=options, progress=progress)
@@ -83,15 +97,15 @@ def pack_command(
 
 @app.command("inspect")
 @handle_errors
+@with_registry
 def inspect_command(
     image_ref: str = typer.Argument(..., help="Image reference."),
     format: OutputFormat = FORMAT,
-    tls_verify: bool = TLS,
-    authfile: Optional[Path] = AUTHFILE,
-    creds: Optional[str] = CREDS,
+    *,
+    options: RegistryOptions,
 ) -> None:
     """Show an image's labels, summary and layers (reads the manifest and config only)."""
-    data = inspect_image(image_ref, registry_options(tls_verify, authfile, creds))
+    data = inspect_image(image_ref, options)
     if format == OutputFormat.json:
         print_json(data)
         return
@@ -118,16 +132,16 @@ def inspect_command(
 
 @app.command("check")
 @handle_errors
+@with_registry
 def check_command(
     image_ref: str = typer.Argument(..., help="Image reference."),
     target: Optional[List[str]] = TARGETS,
     format: OutputFormat = FORMAT,
-    tls_verify: bool = TLS,
-    authfile: Optional[Path] = AUTHFILE,
-    creds: Optional[str] = CREDS,
+    *,
+    options: RegistryOptions,
 ) -> None:
     """Is the image usable here? Exit 0 compatible, 1 not (or no GPU and no --target), 2 bad input."""
-    result = check_image(image_ref, target or None, registry_options(tls_verify, authfile, creds))
+    result = check_image(image_ref, target or None, options)
     if format == OutputFormat.json:
         print_json(result.to_json())
     else:
@@ -153,6 +167,7 @@ def check_command(
 
 @app.command("unpack")
 @handle_errors
+@with_registry
 def unpack_command(
     image_ref: str = typer.Argument(..., help="Image reference."),
     dest: Optional[Path] = typer.Option(None, "--dest", help="Where to install (default: the Triton cache dir, the vLLM root for vLLM images, "
@@ -161,12 +176,10 @@ def unpack_command(
     force: bool = typer.Option(False, "--force", help="Unpack the compatible entries even if the image summary says it does not fit."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace entries that already exist."),
     format: OutputFormat = FORMAT,
-    tls_verify: bool = TLS,
-    authfile: Optional[Path] = AUTHFILE,
-    creds: Optional[str] = CREDS,
+    *,
+    options: RegistryOptions,
 ) -> None:
     """Verify an image and install only the entries compatible with the local GPUs / --target."""
-    options = registry_options(tls_verify, authfile, creds)
     with progress_bar("unpacking", in_bytes=True) as progress:
         report = unpack(image_ref, dest, target or None, force=force, overwrite=overwrite, options=options,
                         progress=progress)
@@ -187,15 +200,14 @@ def unpack_command(
 
 @app.command("copy")
 @handle_errors
+@with_registry
 def copy_command(
     src_ref: str = typer.Argument(..., help="Source image reference."),
     dst_ref: str = typer.Argument(..., help="Destination image reference."),
-    tls_verify: bool = TLS,
-    authfile: Optional[Path] = AUTHFILE,
-    creds: Optional[str] = CREDS,
+    *,
+    options: RegistryOptions,
 ) -> None:
     """Copy an image between any two transports (a push or a pull is a copy)."""
-    options = registry_options(tls_verify, authfile, creds)
     with progress_bar("copying", in_bytes=True) as progress:
         result = copy_image(src_ref, dst_ref, src_options=options, dst_options=options, progress=progress)
     console.print(
