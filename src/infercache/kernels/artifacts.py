@@ -26,9 +26,10 @@ import json
 import os
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
+from infercache.kernels.discovery import NO_VLLM, VllmInfo
 from infercache.kernels.query import iso
 
 KINDS: tuple[str, ...] = ("fxgraph", "aotautograd", "module", "autotune", "vllm-artifact", "vllm-graph", "aot-model")
@@ -160,20 +161,6 @@ def _walk_pickle(data: bytes) -> str | None:
 
 
 @dataclass(frozen=True)
-class VllmWhere:
-    """Where in a vLLM tree an artifact lies (hash dir, rank dir, prefix)."""
-
-    hash: str | None
-    rank: str | None
-    prefix: str | None
-
-    def to_json(self) -> dict[str, str | None] | None:
-        if self.hash is None and self.rank is None:
-            return None
-        return {"hash": self.hash, "rank": self.rank, "prefix": self.prefix}
-
-
-@dataclass(frozen=True)
 class ArtifactRow:
     """One artifact as the catalog holds it (see the module doc for `path` of a module)."""
 
@@ -188,7 +175,7 @@ class ArtifactRow:
     last_access: float | None
     signature: str
     torch_version: str | None = None
-    vllm: VllmWhere = field(default_factory=lambda: VllmWhere(None, None, None))
+    vllm: VllmInfo = NO_VLLM
 
     def db_tuple(self, now: float) -> tuple[Any, ...]:
         """Column order of `catalog` table `artifacts` (see ARTIFACT_COLUMNS)."""
@@ -223,5 +210,5 @@ def row_from_db(row: Any) -> ArtifactRow:
         key=row["key"] or os.path.basename(row["path"]),
         mode=row["mode"] or "vllm", size=row["size"], files=json.loads(row["files_json"] or "{}"),
         modified=row["modified"], last_access=row["last_access"], signature=row["signature"] or "",
-        torch_version=row["torch_version"], vllm=VllmWhere(row["vllm_hash"], row["vllm_rank"], row["vllm_prefix"]),
+        torch_version=row["torch_version"], vllm=VllmInfo(row["vllm_hash"], row["vllm_rank"], row["vllm_prefix"]),
     )

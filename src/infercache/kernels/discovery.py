@@ -53,14 +53,29 @@ _DETECT_BUDGET = 400  # directories a detect_mode probe may list
 
 @dataclass(frozen=True)
 class VllmInfo:
-    """Where in a vLLM cache a directory sits: compile hash, rank dir name, optional prefix."""
+    """Where in a vLLM cache something sits: compile hash, rank dir name, optional prefix.
 
-    hash: str
-    rank: str
+    The one vLLM location of kernels (a cache dir) and of artifacts and catalog rows, where a
+    part may be unknown (None; :data:`NO_VLLM`: not in a vLLM tree at all).
+    """
+
+    hash: str | None
+    rank: str | None
     prefix: str | None
 
-    def to_json(self) -> dict[str, str | None]:
+    def known(self) -> VllmInfo:
+        """Empty parts as None (:func:`vllm_info_for` gives "" for a part the path lacks)."""
+        return VllmInfo(self.hash or None, self.rank or None, self.prefix)
+
+    def to_json(self) -> dict[str, str | None] | None:
+        """The spec's `vllm` value: null outside a vLLM tree."""
+        if self.hash is None and self.rank is None:
+            return None
         return {"hash": self.hash, "rank": self.rank, "prefix": self.prefix}
+
+
+#: Not in a vLLM tree.
+NO_VLLM = VllmInfo(None, None, None)
 
 
 @dataclass(frozen=True)

@@ -26,15 +26,14 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from infercache.kernels import artifacts as A
-from infercache.kernels.artifacts import ArtifactRow, VllmWhere
-from infercache.kernels.discovery import vllm_info_for
+from infercache.kernels.artifacts import ArtifactRow
+from infercache.kernels.discovery import NO_VLLM, VllmInfo, vllm_info_for
 
 logger = logging.getLogger(__name__)
 
 _MAX_DEPTH = 16
 #: Signature prefix of rows whose content was damaged: never "unchanged", so every index warns again.
 DAMAGED = "damaged:"
-_NO_VLLM = VllmWhere(None, None, None)
 
 
 @dataclass(frozen=True)
@@ -132,7 +131,7 @@ class _Scanner:
         self.noise.append(NoiseFile(path, kind, st.st_size if st else 0, st.st_mtime if st else 0.0))
 
     def _add(self, path: str, kind: str, key: str, files: list[tuple[str, os.stat_result]],
-             where: VllmWhere, check: str | None = None) -> None:
+             where: VllmInfo, check: str | None = None) -> None:
         """One artifact from its files' lstat results; `check` names the content check to run."""
         if not files:
             return
@@ -185,7 +184,7 @@ class _Scanner:
         return version, None
 
     # --- Inductor cache -----------------------------------------------------------------------
-    def inductor(self, base: str, where: VllmWhere) -> None:
+    def inductor(self, base: str, where: VllmInfo) -> None:
         for entry in _scandir(base, self.problems):
             st = _lstat(entry)
             if st is None or stat.S_ISLNK(st.st_mode):
@@ -219,7 +218,7 @@ class _Scanner:
                 logger.debug("not an artifact: %s", path)
         self._link_aot_versions()
 
-    def _entry_dir(self, entry: os.DirEntry[str], kind: str, where: VllmWhere, check: str) -> None:
+    def _entry_dir(self, entry: os.DirEntry[str], kind: str, where: VllmInfo, check: str) -> None:
         """``fxgraph/<2>/<key>/`` or ``aotautograd/<key>/``: one artifact of its finished files."""
         if not entry.is_dir(follow_symlinks=False):
             st = _lstat(entry)
@@ -237,7 +236,7 @@ class _Scanner:
             files.append((f.name, st))
         self._add(entry.path, kind, entry.name, files, where, check)
 
-    def _single(self, entry: os.DirEntry[str], kind: str, where: VllmWhere, check: str | None = None) -> None:
+    def _single(self, entry: os.DirEntry[str], kind: str, where: VllmInfo, check: str | None = None) -> None:
         st = _lstat(entry)
         if st is None or stat.S_ISLNK(st.st_mode):
             return
@@ -250,7 +249,7 @@ class _Scanner:
         elif stat.S_ISREG(st.st_mode):
             self.rows_for_file(entry.path, entry.name, kind, st, where, check)
 
-    def rows_for_file(self, path: str, key: str, kind: str, st: os.stat_result, where: VllmWhere,
+    def rows_for_file(self, path: str, key: str, kind: str, st: os.stat_result, where: VllmInfo,
                       check: str | None) -> None:
         # A single-file artifact: `files` is {basename: size}, content checks read `path` itself.
         self._add(path, kind, key, [(os.path.basename(path), st)], where, check)
@@ -271,7 +270,7 @@ class _Scanner:
                 elif stat.S_ISREG(st.st_mode) and not A.is_temp(e.name):
                     yield name, st
 
-    def _module_dir(self, path: str, where: VllmWhere) -> None:
+    def _module_dir(self, path: str, where: VllmInfo) -> None:
         """A ``<2 chars>/`` dir: files grouped by hash into modules; best_configs; locks; temps."""
         groups: dict[str, list[tuple[str, os.stat_result]]] = {}
         for f in _scandir(path, self.problems):
@@ -296,7 +295,7 @@ class _Scanner:
             # Module rows: path is the shared stem; `files` names sit beside it in `path`'s dir.
             self._add_module(os.path.join(path, stem), stem, files, where)
 
-    def _add_module(self, stem_path: str, stem: str, files: list[tuple[str, os.stat_result]], where: VllmWhere) -> None:
+    def _add_module(self, stem_path: str, stem: str, files: list[tuple[str, os.stat_result]], where: VllmInfo) -> None:
         self._add(stem_path, "module", stem, files, where)
 
     def _link_aot_versions(self) -> None:
@@ -314,9 +313,8 @@ class _Scanner:
 
     # --- vLLM tree ----------------------------------------------------------------------------
     def vllm(self) -> None:
-        def where_of(path: str) -> VllmWhere:
-            info = vllm_info_for(Path(path))
-            return VllmWhere(info.hash or None, info.rank or None, info.prefix)
+        def where_of(path: str) -> VllmInfo:
+            return vllm_info_for(Path(path)).known()
 
         stack: list[tuple[str, int]] = [(self.root, 0)]
         if os.path.basename(self.root) == "inductor_cache":
@@ -364,7 +362,7 @@ def scan_root(root: str | os.PathLike[str], mode: str, known: Mapping[str, Artif
     known = known or {}
     scanner = _Scanner(Path(root), mode, known)
     if mode == "inductor":
-        scanner.inductor(scanner.root, _NO_VLLM)
+        scanner.inductor(scanner.root, NO_VLLM)
     elif mode == "vllm":
         scanner.vllm()
     rows = tuple(scanner.rows)

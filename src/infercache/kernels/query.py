@@ -20,7 +20,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 from infercache.errors import BadInputError
 from infercache.gpu.targets import arch_name, normalize_backend
 from infercache.kernels.catalog import Catalog
-from infercache.kernels.discovery import check_root
+from infercache.kernels.discovery import VllmInfo, check_root
 from infercache.kernels.triton_entry import KERNEL_FIELD_TYPES, KERNEL_FIELDS
 from infercache.units import parse_duration
 
@@ -227,9 +227,7 @@ class KernelRecord(NamedTuple("_KernelRow", [(name, kind) for name, kind, _sql i
 
     @property
     def vllm(self) -> dict[str, str | None] | None:
-        if self.vllm_hash is None:
-            return None
-        return {"hash": self.vllm_hash, "rank": self.vllm_rank, "prefix": self.vllm_prefix}
+        return VllmInfo(self.vllm_hash, self.vllm_rank, self.vllm_prefix).to_json()
 
     @property
     def group_file(self) -> Path | None:
@@ -338,9 +336,6 @@ class ArtifactRecord(NamedTuple):
         return self.last_access if self.last_access is not None else self.modified
 
     def to_json(self) -> dict[str, Any]:
-        vllm = None
-        if self.vllm_hash is not None or self.vllm_rank is not None:
-            vllm = {"hash": self.vllm_hash, "rank": self.vllm_rank, "prefix": self.vllm_prefix}
         return {
             "kind": self.kind,
             "key": self.key or os.path.basename(self.path),
@@ -352,7 +347,7 @@ class ArtifactRecord(NamedTuple):
             "modified": iso(self.modified),
             "last_access": iso(self.last_access),
             "torch_version": self.torch_version,
-            "vllm": vllm,
+            "vllm": VllmInfo(self.vllm_hash, self.vllm_rank, self.vllm_prefix).to_json(),
         }
 
 

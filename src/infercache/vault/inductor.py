@@ -23,13 +23,12 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from infercache.kernels.discovery import vllm_info_for
+from infercache.kernels.discovery import NO_VLLM, VllmInfo, vllm_info_for
 from infercache.kernels.inductor import scan_root
 
 logger = logging.getLogger(__name__)
@@ -227,10 +226,15 @@ def plan_files(root: Path, top: str, base: str = "",
     return files, records
 
 
+def vllm_record_fields(info: VllmInfo | None) -> dict[str, Any]:
+    """The vLLM fields of a manifest record (vllm_hash, rank, prefix; all null outside a vLLM tree)."""
+    where = info.known() if info is not None else NO_VLLM
+    return {"vllm_hash": where.hash, "rank": where.rank, "prefix": where.prefix}
+
+
 def vllm_fields(path: str) -> dict[str, Any]:
     """The vLLM fields of an inductor record inside a vLLM tree (hash dir, rank dir, prefix)."""
-    info = vllm_info_for(Path(path))
-    return {"vllm_hash": info.hash or None, "rank": info.rank or None, "prefix": info.prefix}
+    return vllm_record_fields(vllm_info_for(Path(path)))
 
 
 def summary(records: Iterable[Mapping[str, Any]], facts: HostFacts, targets: list[dict[str, Any]]) -> dict[str, Any]:

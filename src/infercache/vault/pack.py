@@ -174,12 +174,8 @@ def plan_pack(cache_dir: str | os.PathLike[str], mode: str = "auto") -> PackPlan
             entry_files = _entry_files(result, f"{top}/{rel}")
             files.extend(entry_files)
             record = _record(result, entry_files)
-            if found.vllm is not None:
-                record.update(
-                    {"vllm_hash": found.vllm.hash, "rank": found.vllm.rank, "prefix": found.vllm.prefix, "path": rel}
-                )
-            elif component == "vllm":
-                record.update({"vllm_hash": None, "rank": None, "prefix": None, "path": rel})
+            if found.vllm is not None or component == "vllm":
+                record.update({**vault_inductor.vllm_record_fields(found.vllm), "path": rel})
             elif component == "inductor":
                 record.update({"kind": "triton", "path": rel, "unit": "dir", "torch_version": None})
             records.append(record)
