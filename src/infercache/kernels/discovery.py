@@ -145,7 +145,8 @@ def check_root(root: str | os.PathLike[str]) -> Path:
     return path.resolve()
 
 
-def _check_mode(mode: str, allow_auto: bool = True) -> str:
+def check_mode(mode: str, allow_auto: bool = True) -> str:
+    """`mode` if it names a cache mode (or "auto"); BadInputError naming the choices otherwise."""
     valid = (*MODES, "auto") if allow_auto else MODES
     if mode not in valid:
         raise BadInputError(f"unknown cache mode {mode!r} (expected one of {', '.join(valid)})")
@@ -202,7 +203,7 @@ def detect_mode(root: Path) -> str:
 
 def default_cache_dirs(mode: str = "auto") -> list[Path]:
     """The default cache dir of `mode` (as the spec resolves it); "auto" → those of all three that exist."""
-    _check_mode(mode)
+    check_mode(mode)
     by_mode = {
         "triton": paths.triton_cache_dir,
         "vllm": paths.vllm_cache_root,
@@ -215,7 +216,7 @@ def default_cache_dirs(mode: str = "auto") -> list[Path]:
 
 def discover(root: Path, mode: str = "auto") -> Iterator[TritonCacheDir | VllmArtifact]:
     """Yield every Triton cache directory (and vLLM opaque artifact) under `root`, sorted, once each."""
-    _check_mode(mode)
+    check_mode(mode)
     root = check_root(root)
     if mode == "auto":
         mode = detect_mode(root)

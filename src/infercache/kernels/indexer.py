@@ -145,8 +145,7 @@ def _index(
     workers: int,
 ) -> IndexSummary:
     started = time.perf_counter()
-    if mode not in ("auto", *discovery.MODES):
-        raise BadInputError(f"unknown cache mode {mode!r} (expected auto, {', '.join(discovery.MODES)})")
+    discovery.check_mode(mode)
     roots = resolve_roots(cache_dirs, mode)
     run = RunCounts()
     modes: list[str] = []

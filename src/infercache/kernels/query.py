@@ -15,16 +15,16 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, TypeVar
 
 from infercache.errors import BadInputError
 from infercache.gpu.targets import arch_name, normalize_backend
 from infercache.kernels.catalog import Catalog
-from infercache.kernels.discovery import VllmInfo, check_root
+from infercache.kernels.discovery import VllmInfo, check_mode, check_root
 from infercache.kernels.triton_entry import KERNEL_FIELD_TYPES, KERNEL_FIELDS
 from infercache.units import parse_duration
 
-MODES = ("auto", "triton", "vllm", "inductor")
+R = TypeVar("R")
 
 #: Sort field (CLI name) → SQL expression.
 SORT_FIELDS: Mapping[str, str] = {
@@ -59,6 +59,20 @@ def normalise_arch(value: str | None) -> str | None:
     return arch_name(value)
 
 
+#: KernelFilter field → its SQL condition (one `?`), and whether the value is an age (seconds before now).
+_CONDITIONS: tuple[tuple[str, str, bool], ...] = (
+    ("name", "e.name = ?", False),
+    ("name_like", "e.name GLOB ?", False),
+    ("backend", "e.backend = ?", False),
+    ("arch", "e.arch = ?", False),
+    ("older_than", "e.modified < ?", True),
+    ("younger_than", "e.modified > ?", True),
+    ("hits_lower", "coalesce(u.hits, 0) < ?", False),
+    ("hits_higher", "coalesce(u.hits, 0) > ?", False),
+    ("mode", "e.mode = ?", False),
+)
+
+
 @dataclass(frozen=True)
 class KernelFilter:
     """Which catalog entries a command applies to; None means "no condition"."""
@@ -90,8 +104,8 @@ class KernelFilter:
         mode: str | None = None,
     ) -> "KernelFilter":
         """Validate user input (strings from the CLI) into a filter."""
-        if mode is not None and mode not in MODES:
-            raise BadInputError(f"unknown cache mode {mode!r} (expected one of {', '.join(MODES)})")
+        if mode is not None:
+            check_mode(mode)
         for label, n in (("--cache-hit-lower", hits_lower), ("--cache-hit-higher", hits_higher)):
             if n is not None and n < 0:
                 raise BadInputError(f"{label} must not be negative: {n}")
@@ -119,30 +133,11 @@ class KernelFilter:
         now = time.time() if now is None else now
         clauses: list[str] = []
         params: list[Any] = []
-        if self.name is not None:
-            clauses.append("e.name = ?")
-            params.append(self.name)
-        if self.name_like is not None:
-            clauses.append("e.name GLOB ?")
-            params.append(self.name_like)
-        if self.backend is not None:
-            clauses.append("e.backend = ?")
-            params.append(self.backend)
-        if self.arch is not None:
-            clauses.append("e.arch = ?")
-            params.append(self.arch)
-        if self.older_than is not None:
-            clauses.append("e.modified < ?")
-            params.append(now - self.older_than)
-        if self.younger_than is not None:
-            clauses.append("e.modified > ?")
-            params.append(now - self.younger_than)
-        if self.hits_lower is not None:
-            clauses.append("coalesce(u.hits, 0) < ?")
-            params.append(self.hits_lower)
-        if self.hits_higher is not None:
-            clauses.append("coalesce(u.hits, 0) > ?")
-            params.append(self.hits_higher)
+        for attr, condition, is_age in _CONDITIONS:
+            value = getattr(self, attr)
+            if value is not None:
+                clauses.append(condition)
+                params.append(now - value if is_age else value)
         if self.cache_dirs:
             ors = []
             for d in self.cache_dirs:
@@ -150,24 +145,23 @@ class KernelFilter:
                 ors.append("(e.cache_root = ? OR substr(e.path, 1, ?) = ?)")
                 params.extend([str(d), len(prefix), prefix])
             clauses.append("(" + " OR ".join(ors) + ")")
-        if self.mode is not None:
-            clauses.append("e.mode = ?")
-            params.append(self.mode)
         return (" AND ".join(clauses) or "1"), params
 
 
-def parse_sort(spec: str | None) -> tuple[str, bool]:
-    """'size:desc' → ('e.total_size', True); BadInputError for unknown fields or orders."""
+def parse_sort(spec: str | None, fields: Mapping[str, str] | None = None, what: str = "") -> tuple[str, bool]:
+    """'size:desc' → ('e.total_size', True) over `fields` (default SORT_FIELDS, sorted by name when
+    `spec` is empty); BadInputError for unknown fields or orders (`what` names the listing)."""
+    fields = SORT_FIELDS if fields is None else fields
     if not spec:
-        return SORT_FIELDS["name"], False
+        return fields["name"], False
     field, _, order = spec.partition(":")
     field = field.strip().lower()
-    if field not in SORT_FIELDS:
-        raise BadInputError(f"unknown sort field {field!r} (expected one of {', '.join(sorted(SORT_FIELDS))})")
+    if field not in fields:
+        raise BadInputError(f"unknown sort field {field!r}{what} (expected one of {', '.join(sorted(fields))})")
     order = order.strip().lower() or "asc"
     if order not in ("asc", "desc"):
         raise BadInputError(f"unknown sort order {order!r} in {spec!r} (expected asc or desc)")
-    return SORT_FIELDS[field], order == "desc"
+    return fields[field], order == "desc"
 
 
 def iso(ts: float | None) -> str | None:
@@ -267,18 +261,23 @@ def query(
 ) -> list[KernelRecord]:
     """Entries matching `flt`, sorted (`FIELD[:asc|desc]`, default name) and limited."""
     flt = flt or KernelFilter()
-    if limit is not None and limit < 0:
-        raise BadInputError(f"--limit must not be negative: {limit}")
     expr, desc = parse_sort(sort)
     where, params = flt.where(now)
     direction = "DESC" if desc else "ASC"
     sql = f"{_SELECT} WHERE {where} ORDER BY {expr} {direction} NULLS LAST, e.path ASC"
+    return _fetch(catalog, sql, params, limit, KernelRecord._make)
+
+
+def _fetch(catalog: Catalog, sql: str, params: list[Any], limit: int | None, make: Callable[[Any], R]) -> list[R]:
+    """A listing's rows as records (`LIMIT` when given: a negative one is bad input), built from
+    plain tuples with no Python per field."""
     if limit is not None:
+        if limit < 0:
+            raise BadInputError(f"--limit must not be negative: {limit}")
         sql += " LIMIT ?"
         params = [*params, limit]
     cursor = catalog.conn.cursor()
-    cursor.row_factory = None  # plain tuples straight into KernelRecord
-    make = KernelRecord._make
+    cursor.row_factory = None
     return [make(r) for r in cursor.execute(sql, params)]
 
 
@@ -365,8 +364,6 @@ def query_artifacts(
     Default order: newest first; `sort` takes `FIELD[:asc|desc]` over ARTIFACT_SORT_FIELDS.
     """
     flt = flt or KernelFilter()
-    if limit is not None and limit < 0:
-        raise BadInputError(f"--limit must not be negative: {limit}")
     where, params = KernelFilter(cache_dirs=flt.cache_dirs, older_than=flt.older_than,
                                  younger_than=flt.younger_than, mode=flt.mode).where(now)
     if flt.name is not None:
@@ -381,22 +378,8 @@ def query_artifacts(
         params.extend(wanted)
     order = "e.modified DESC, e.path"
     if sort:
-        field, _, direction = sort.partition(":")
-        field = field.strip().lower()
-        if field not in ARTIFACT_SORT_FIELDS:
-            raise BadInputError(f"unknown sort field {field!r} for artifacts "
-                                f"(expected one of {', '.join(sorted(ARTIFACT_SORT_FIELDS))})")
-        direction = direction.strip().lower() or "asc"
-        if direction not in ("asc", "desc"):
-            raise BadInputError(f"unknown sort order {direction!r} in {sort!r} (expected asc or desc)")
-        order = f"{ARTIFACT_SORT_FIELDS[field]} {direction.upper()} NULLS LAST, e.path"
-    sql = (
-        "SELECT e.path, e.cache_root, e.kind, e.size, e.modified, e.vllm_hash, e.vllm_rank, e.vllm_prefix, "
-        f"e.key, e.mode, e.files_json, e.last_access, e.torch_version FROM artifacts e WHERE {where} ORDER BY {order}"
-    )
-    if limit is not None:
-        sql += " LIMIT ?"
-        params = [*params, limit]
-    cursor = catalog.conn.cursor()
-    cursor.row_factory = None
-    return [ArtifactRecord._make(r) for r in cursor.execute(sql, params)]
+        expr, desc = parse_sort(sort, ARTIFACT_SORT_FIELDS, " for artifacts")
+        order = f"{expr} {'DESC' if desc else 'ASC'} NULLS LAST, e.path"
+    columns = ", ".join(f"e.{name}" for name in ArtifactRecord._fields)
+    sql = f"SELECT {columns} FROM artifacts e WHERE {where} ORDER BY {order}"
+    return _fetch(catalog, sql, params, limit, ArtifactRecord._make)

@@ -68,15 +68,7 @@ class _Buffer:
     def add(self, key: str, hits: int = 0, misses: int = 0, compile_time_s: Optional[float] = None) -> None:
         now = time.time()
         with self._lock:
-            row = self._pending.get(key)
-            if row is None:
-                self._pending[key] = [hits, misses, now, compile_time_s]
-            else:
-                row[0] += hits
-                row[1] += misses
-                row[2] = now
-                if compile_time_s is not None:
-                    row[3] = compile_time_s
+            self._merge_locked(key, hits, misses, now, compile_time_s)
         if self._thread is None:
             self._start()
 
@@ -136,15 +128,19 @@ class _Buffer:
     def _merge_back(self, batch: Dict[str, list]) -> None:
         with self._lock:
             for key, (hits, misses, last, compile_time) in batch.items():
-                row = self._pending.get(key)
-                if row is None:
-                    self._pending[key] = [hits, misses, last, compile_time]
-                else:
-                    row[0] += hits
-                    row[1] += misses
-                    row[2] = max(row[2], last)
-                    if row[3] is None:
-                        row[3] = compile_time
+                self._merge_locked(key, hits, misses, last, compile_time)
+
+    def _merge_locked(self, key: str, hits: int, misses: int, last: float, compile_time: Optional[float]) -> None:
+        """Add counts to a pending row: hits and misses add up, the later access and compile time win."""
+        row = self._pending.get(key)
+        if row is None:
+            self._pending[key] = [hits, misses, last, compile_time]
+            return
+        row[0] += hits
+        row[1] += misses
+        if compile_time is not None and (row[3] is None or last >= row[2]):
+            row[3] = compile_time
+        row[2] = max(row[2], last)
 
     def _open(self) -> Catalog:
         path = str(catalog_path())

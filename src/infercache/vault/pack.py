@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from infercache.errors import BadInputError, InfercacheError
-from infercache.kernels.discovery import TritonCacheDir, detect_mode, discover
+from infercache.kernels.discovery import TritonCacheDir, check_mode, detect_mode, discover
 from infercache.kernels.triton_entry import KERNEL_FIELDS, TMP_PREFIX, TritonEntry, group_children, parse_entry
 from infercache.vault import inductor as vault_inductor
 from infercache.vault import labels as L
@@ -142,8 +142,7 @@ def plan_pack(cache_dir: str | os.PathLike[str], mode: str = "auto") -> PackPlan
     if not root.is_dir():
         raise BadInputError(f"{root}: no such cache directory")
     root = root.resolve()
-    if mode not in ("auto", "triton", "vllm", "inductor"):
-        raise BadInputError(f"bad --mode {mode!r}: choose auto, triton, vllm or inductor")
+    check_mode(mode)
     if mode == "auto":
         mode = detect_mode(root)
     component = {"vllm": "vllm", "inductor": "inductor"}.get(mode, "triton")
