@@ -10,7 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from infercache import __version__
-from infercache.cli.common import VERBOSE, data_dir_option, start_root
+from infercache.cli.common import VERBOSE, data_dir_option, root_app, start_root
 
 #: Sub-command → (module, attribute): a Typer app (a group) or a command function. Data, not
 #: imports: `infercache kernels list` loads the kernels CLI only, not the vault's or the KV
@@ -35,7 +35,7 @@ class _SubcommandTable(TyperGroup):
         module, attribute = SUBCOMMANDS[cmd_name]
         target = getattr(importlib.import_module(module), attribute)
         if not isinstance(target, typer.Typer):  # a command function: a one-command app of its own
-            single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+            single = root_app()
             single.command(cmd_name)(target)
             target = single
         command = typer.main.get_command(target)
@@ -43,13 +43,11 @@ class _SubcommandTable(TyperGroup):
         return command
 
 
-app = typer.Typer(
+app = root_app(
     name="infercache",
     help="Caches that LLM inference depends on: kernel caches, cache images, KV pools.",
     cls=_SubcommandTable,
     no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
 )
 
 

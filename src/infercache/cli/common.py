@@ -75,6 +75,12 @@ def data_dir_option(hidden: bool = False) -> Any:
 VERBOSE = typer.Option(0, "-v", "--verbose", count=True, help="-v warnings, -vv info, -vvv debug.")
 
 
+def root_app(**settings: Any) -> typer.Typer:
+    """A command's top-level Typer app (`infercache`, `mcm`, `mcv`): no completion installer, and no
+    Rich tracebacks (they print local variables, which may hold credentials; handle_errors prints one line)."""
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False, **settings)
+
+
 def start_root(ctx: typer.Context, verbose: int, data_dir: Optional[Path]) -> None:
     """What a root command (`infercache`, `mcm`) does with its global options before any sub-command."""
     setup_logging(verbose)

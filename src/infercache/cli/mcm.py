@@ -23,6 +23,7 @@ from infercache.cli.common import (
     console,
     data_dir_option,
     handle_errors,
+    root_app,
     start_root,
 )
 from infercache.cli.warm import run_container_warm
@@ -34,12 +35,10 @@ from infercache.kernels.container_warm import (
 from infercache.kernels.query import KernelFilter, iso, query
 from infercache.units import format_size
 
-app = typer.Typer(
+app = root_app(
     name="mcm",
     help="Model Cache Manager compatible front end: index, list, prune and warm GPU kernel caches.",
     no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
 )
 
 CACHE_DIR = typer.Option(None, "--cache-dir", help="Cache directory (default: the mode's default cache dir).")

@@ -14,7 +14,13 @@ from typing import List, Optional
 
 import typer
 
-from infercache.cli.common import console, handle_errors, print_json, setup_logging
+from infercache.cli.common import (
+    console,
+    handle_errors,
+    print_json,
+    root_app,
+    setup_logging,
+)
 from infercache.cli.vault import with_registry
 from infercache.errors import BadInputError
 from infercache.gpu.hardware import hardware_info
@@ -26,7 +32,7 @@ from infercache.vault.pack import pack
 from infercache.vault.reference import ImageReference, RegistryOptions
 from infercache.vault.unpack import unpack
 
-app = typer.Typer(name="mcv", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = root_app(name="mcv", no_args_is_help=True)
 
 
 class LogLevel(str, Enum):

@@ -195,7 +195,26 @@ _ROW: tuple[tuple[str, Any, str], ...] = (
 _RECORD_KERNEL_FIELDS = slice(2, 2 + len(KERNEL_FIELDS))
 
 
-class KernelRecord(NamedTuple("_KernelRow", [(name, kind) for name, kind, _sql in _ROW])):  # type: ignore[misc]
+class _Listed:
+    """What kernel and artifact rows share: files by type (a JSON column) and the time prune's LRU goes by."""
+
+    __slots__ = ()
+    files_json: str | None
+    last_access: float | None
+    modified: float
+
+    @property
+    def files(self) -> dict[str, int]:
+        """Bytes per file type."""
+        return json.loads(self.files_json) if self.files_json else {}
+
+    @property
+    def last_used(self) -> float:
+        """Last access when tracked, else modification time (LRU order for --max-size)."""
+        return self.last_access if self.last_access is not None else self.modified
+
+
+class KernelRecord(NamedTuple("_KernelRow", [(name, kind) for name, kind, _sql in _ROW]), _Listed):  # type: ignore[misc]
     """One catalog row as `list` shows it (raw numbers; `to_json` gives the spec's shape).
 
     Immutable, and a NamedTuple rather than a dataclass on purpose: it is built straight from
@@ -215,22 +234,12 @@ class KernelRecord(NamedTuple("_KernelRow", [(name, kind) for name, kind, _sql i
         return Path(self.cache_root_str)
 
     @property
-    def files(self) -> dict[str, int]:
-        """Bytes per file type."""
-        return json.loads(self.files_json)
-
-    @property
     def vllm(self) -> dict[str, str | None] | None:
         return VllmInfo(self.vllm_hash, self.vllm_rank, self.vllm_prefix).to_json()
 
     @property
     def group_file(self) -> Path | None:
         return Path(self.group_file_str) if self.group_file_str else None
-
-    @property
-    def last_used(self) -> float:
-        """Last access when tracked, else modification time (LRU order for --max-size)."""
-        return self.last_access if self.last_access is not None else self.modified
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -308,9 +317,7 @@ def normalise_kinds(kinds: Sequence[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-class ArtifactRecord(NamedTuple):
-    """One compile-cache artifact row as `list --artifacts` shows it (spec shape from `to_json`)."""
-
+class _ArtifactRow(NamedTuple):
     path: str
     cache_root: str
     kind: str
@@ -325,14 +332,11 @@ class ArtifactRecord(NamedTuple):
     last_access: float | None
     torch_version: str | None
 
-    @property
-    def files(self) -> dict[str, int]:
-        return json.loads(self.files_json) if self.files_json else {}
 
-    @property
-    def last_used(self) -> float:
-        """Last access when known, else modification time (LRU order for --max-size)."""
-        return self.last_access if self.last_access is not None else self.modified
+class ArtifactRecord(_ArtifactRow, _Listed):
+    """One compile-cache artifact row as `list --artifacts` shows it (spec shape from `to_json`)."""
+
+    __slots__ = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
