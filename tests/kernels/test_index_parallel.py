@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import pytest
 from infercache.kernels import entry_rows, index_workers, indexer
 from infercache.kernels.catalog import Catalog
 from infercache.testing.replicate import replicate_entry
-from tests.kernels.kutil import SAMPLE_ENTRIES, entries
+from tests.kernels.kutil import SAMPLE_ENTRIES, add_bad_content, entries
 
 
 def _mixed_cache(triton_cache: Path, tmp_path: Path) -> tuple[Path, list[Path]]:
@@ -23,17 +22,7 @@ def _mixed_cache(triton_cache: Path, tmp_path: Path) -> tuple[Path, list[Path]]:
         for e in originals:
             replicate_entry(e.path, triton_cache, f"par{i}", link=True)
     es = originals
-    (es[0].path / f"{es[0].name}.json").write_text("{not json")
-    binary = next(f for f in es[1].files if f.type in ("cubin", "hsaco"))
-    (es[1].path / binary.name).unlink()
-    (triton_cache / ("L" * 52)).symlink_to(triton_cache / ("L" * 52))  # loop
-    outside = tmp_path / "outside-entry"
-    shutil.copytree(es[2].path, outside)
-    (triton_cache / ("O" * 52)).symlink_to(outside)
-    (triton_cache / "tmp.pid_1_abc").mkdir()
-    launcher = triton_cache / ("f" * 64)
-    launcher.mkdir()
-    (launcher / "__triton_launcher.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+    add_bad_content(triton_cache, es, tmp_path)
     (es[3].path / "stray.bin").write_bytes(b"x" * 10)  # orphan inside an entry
     (es[4].path / "tmp.pid_7_x").mkdir()  # leftover inside an entry
     (es[4].path / "tmp.pid_7_x" / "half").write_bytes(b"y" * 3)

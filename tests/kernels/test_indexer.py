@@ -15,7 +15,7 @@ from infercache.kernels.catalog import Catalog
 from infercache.kernels.indexer import index
 from infercache.kernels.query import KernelFilter, query
 from tests.kernels import layouts
-from tests.kernels.kutil import SAMPLE_ENTRIES, do_index, entries
+from tests.kernels.kutil import SAMPLE_ENTRIES, add_bad_content, do_index, entries
 
 
 def test_full_then_unchanged(triton_cache: Path, catalog: Catalog) -> None:
@@ -80,17 +80,7 @@ def test_new_entries_are_added(triton_cache: Path, catalog: Catalog, tmp_path: P
 def test_bad_content_is_skipped_with_warnings(triton_cache: Path, catalog: Catalog, tmp_path: Path,
                                               caplog: pytest.LogCaptureFixture) -> None:
     es = entries(triton_cache)
-    (es[0].path / f"{es[0].name}.json").write_text("{not json")
-    binary = next(f for f in es[1].files if f.type in ("cubin", "hsaco"))
-    (es[1].path / binary.name).unlink()
-    (triton_cache / ("L" * 52)).symlink_to(triton_cache / ("L" * 52))  # loop
-    outside = tmp_path / "outside-entry"
-    shutil.copytree(es[2].path, outside)
-    (triton_cache / ("O" * 52)).symlink_to(outside)
-    (triton_cache / "tmp.pid_1_abc").mkdir()
-    launcher = triton_cache / ("f" * 64)
-    launcher.mkdir()
-    (launcher / "__triton_launcher.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+    outside = add_bad_content(triton_cache, es, tmp_path)
     with caplog.at_level(logging.WARNING):
         s = do_index(catalog, triton_cache)
     assert s.new == SAMPLE_ENTRIES - 2

@@ -55,7 +55,11 @@ def warmed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, An
 
 
 class FakeGpuDriver:
-    """Fakes the GPU driver (none exists here): reports `target` as the current device's target."""
+    """Fakes the GPU driver (none exists here): reports `target` as the current device's target.
+
+    A deliberate independent copy of `infercache.kernels.warm.TargetDriver`: the key proof must not
+    lean on the code it checks (a wrong answer there would make both sides agree).
+    """
 
     def __init__(self, target: str, device: str) -> None:
         from infercache.testing.samples import gpu_target

@@ -1,6 +1,8 @@
 """Kernels for the tracking and warm tests, importable by path (`tests.kernels.warm_kernels:add_kernel`).
 
 Their source lines are part of Triton's cache key: editing above a kernel changes its keys.
+`add_kernel` is a deliberate independent copy of `infercache.testing.samples`' one: a warm spec
+names a kernel by file and attribute, so these must live in a file of their own at a stable path.
 """
 
 from __future__ import annotations
