@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 from typing import BinaryIO
 
-from infercache.errors import BadInputError
+from infercache.errors import BadInputError, InfercacheError
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -41,6 +41,26 @@ def open_decompressed(stream: BinaryIO) -> BinaryIO:
 
         return zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)  # type: ignore[return-value]
     return buffered  # type: ignore[return-value]
+
+
+class ImageArchive:
+    """An image tar opened in place (see :func:`open_archive`): what both archive sources read from."""
+
+    def __init__(self, path: Path, label: str) -> None:
+        self.label = label
+        self.tar, self.members = open_archive(path)
+
+    def open(self, name: str) -> BinaryIO:
+        """A reader of one file of the archive; InfercacheError naming it when it is not there."""
+        member = self.members.get(name)
+        if member is None:
+            raise InfercacheError(f"{self.label}: {name} is missing from the archive")
+        handle = self.tar.extractfile(member)
+        assert handle is not None
+        return handle  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.tar.close()
 
 
 def open_archive(path: Path) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]:

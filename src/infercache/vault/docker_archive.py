@@ -22,7 +22,12 @@ import tempfile
 from typing import Any, BinaryIO
 
 from infercache.errors import BadInputError, InfercacheError
-from infercache.vault.archive import GZIP_MAGIC, is_compressed, open_archive, open_decompressed
+from infercache.vault.archive import (
+    GZIP_MAGIC,
+    ImageArchive,
+    is_compressed,
+    open_decompressed,
+)
 from infercache.vault.image import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
@@ -36,7 +41,13 @@ from infercache.vault.image import (
     parse_manifest,
     sha256_digest,
 )
-from infercache.vault.reference import DEFAULT_TAG, Descriptor, ImageReference, RegistryOptions, familiar_name
+from infercache.vault.reference import (
+    DEFAULT_TAG,
+    Descriptor,
+    ImageReference,
+    RegistryOptions,
+    familiar_name,
+)
 
 logger = logging.getLogger(__name__)
 _CHUNK = 1 << 20
@@ -59,24 +70,19 @@ class DockerArchiveSource:
     def __init__(self, reference: ImageReference, options: RegistryOptions | None = None) -> None:
         self.reference = reference
         self._path = reference.local_path()
-        self._tar, self._members = open_archive(self._path)
+        self._archive = ImageArchive(self._path, str(reference))
+        self._members = self._archive.members
         self._blobs: dict[str, str] = {}  # digest → member name
         self._manifest: tuple[bytes, str] | None = None
 
     def _read_member(self, name: str) -> bytes:
         member = self._members.get(name)
-        if member is None:
-            raise InfercacheError(f"{self.reference}: {name} is missing from the archive")
-        if member.size > MAX_DOCUMENT_BYTES:
+        if member is not None and member.size > MAX_DOCUMENT_BYTES:
             raise BadInputError(f"{self.reference}: {name} is too large")
-        handle = self._tar.extractfile(member)
-        assert handle is not None
-        return handle.read()
+        return self._archive.open(name).read()
 
     def _hash_member(self, name: str) -> str:
-        member = self._members[name]
-        handle = self._tar.extractfile(member)
-        assert handle is not None
+        handle = self._archive.open(name)
         digest = hashlib.sha256()
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
@@ -117,9 +123,7 @@ class DockerArchiveSource:
             if layer_name not in self._members:
                 raise BadInputError(f"{self.reference}: layer {layer_name} is missing from the archive")
             member = self._members[layer_name]
-            handle = self._tar.extractfile(member)
-            assert handle is not None
-            head = handle.read(4)
+            head = self._archive.open(layer_name).read(4)
             # An uncompressed layer's digest is its diff ID; it is verified whenever it is read.
             if not is_compressed(head) and i < len(diff_ids) and isinstance(diff_ids[i], str):
                 digest = diff_ids[i]
@@ -140,12 +144,10 @@ class DockerArchiveSource:
         name = self._blobs.get(descriptor.digest)
         if name is None:
             raise InfercacheError(f"{self.reference}: no blob {descriptor.digest} in the archive")
-        handle = self._tar.extractfile(self._members[name])
-        assert handle is not None
-        return handle  # type: ignore[return-value]
+        return self._archive.open(name)
 
     def close(self) -> None:
-        self._tar.close()
+        self._archive.close()
 
 
 class DockerArchiveDestination:

@@ -14,9 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-from infercache.errors import BadInputError, InfercacheError
+from infercache.errors import BadInputError
 from infercache.fsutil import atomic_file
-from infercache.vault.archive import open_archive
+from infercache.vault.archive import ImageArchive
 from infercache.vault.layout import LayoutReader, OciLayoutDestination
 from infercache.vault.reference import ImageReference, RegistryOptions
 
@@ -26,18 +26,13 @@ class OciArchiveSource(LayoutReader):
 
     def __init__(self, reference: ImageReference, options: RegistryOptions | None = None) -> None:
         self.reference = reference
-        self._tar, self._members = open_archive(reference.local_path())
+        self._archive = ImageArchive(reference.local_path(), str(reference))
 
     def _open(self, relpath: str) -> BinaryIO:
-        member = self._members.get(relpath)
-        if member is None:
-            raise InfercacheError(f"{self.reference}: {relpath} is missing from the archive")
-        handle = self._tar.extractfile(member)
-        assert handle is not None
-        return handle  # type: ignore[return-value]
+        return self._archive.open(relpath)
 
     def close(self) -> None:
-        self._tar.close()
+        self._archive.close()
 
 
 class OciArchiveDestination(OciLayoutDestination):
