@@ -34,7 +34,7 @@ from infercache.kernels import artifacts as A
 from infercache.kernels.catalog import Catalog
 from infercache.kernels.indexer import index
 from infercache.kernels.prune import (GARBAGE_MIN_AGE_S, PruneAction, PrunePlan, PruneResult, check_strategy,
-                                     path_bytes, refresh_roots, remove_path, safe_target)
+                                     in_root, path_bytes, plan_roots, refusal, remove_path)
 from infercache.kernels.query import ArtifactRecord, KernelFilter, query, query_artifacts
 from infercache.kernels.triton_entry import tree_size
 from infercache.units import format_size
@@ -146,10 +146,10 @@ def plan_artifact_prune(
     now = time.time() if now is None else now
     check_strategy("artifact prune", strategy, STRATEGIES, max_size)
     flt.check_for_artifacts()
-    roots = refresh_roots(catalog, flt) if refresh else tuple(r for r, _ in catalog.roots())
+    roots = plan_roots(catalog, flt, refresh)
     root_set = {str(r): r for r in roots}
     rows = [r for r in query_artifacts(catalog, flt, kinds=kinds, sort="modified:asc", now=now)
-            if r.cache_root in root_set and r.path.startswith(r.cache_root.rstrip("/") + "/")]
+            if r.cache_root in root_set and in_root(r.path, r.cache_root)]
     actions: list[PruneAction] = []
     notes: list[str] = []
     if strategy == "free":
@@ -203,10 +203,7 @@ def execute_artifact_plan(plan: ArtifactPrunePlan, catalog: Catalog) -> PruneRes
     skipped: list[tuple[str, str]] = []
     touched: set[Path] = set()
     for action in plan.actions:
-        if action.root not in known_roots:
-            skipped.append((str(action.path), f"{action.root} is not an indexed cache dir"))
-            continue
-        why = safe_target(action.path, action.root)
+        why = refusal(action, known_roots)
         if why:
             skipped.append((str(action.path), why))
             continue

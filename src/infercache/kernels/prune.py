@@ -31,7 +31,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Container, Mapping
 
 from infercache.errors import BadInputError, InfercacheError
 from infercache.fsutil import atomic_write_bytes, is_within
@@ -139,8 +139,11 @@ class PrunePlan:
         return execute_plan(self, catalog)
 
 
-def refresh_roots(catalog: Catalog, flt: KernelFilter) -> tuple[Path, ...]:
-    """Re-index (incrementally) the roots in scope so the plan matches the disk; return them."""
+def plan_roots(catalog: Catalog, flt: KernelFilter, refresh: bool = True) -> tuple[Path, ...]:
+    """The cache roots a plan may touch: those in scope, re-indexed (incrementally) first so the plan
+    matches the disk; without `refresh`, every indexed root as the catalog has it."""
+    if not refresh:
+        return tuple(r for r, _ in catalog.roots())
     known = dict(catalog.roots())
     if flt.cache_dirs:
         scope = []
@@ -181,12 +184,12 @@ def plan_prune(
     flt = flt or KernelFilter()
     now = time.time() if now is None else now
     check_strategy("prune", strategy, STRATEGIES, max_size)
-    roots = refresh_roots(catalog, flt) if refresh else tuple(r for r, _ in catalog.roots())
+    roots = plan_roots(catalog, flt, refresh)
     if strategy == "garbage":
         return _plan_garbage(catalog, flt, roots, garbage_min_age, now)
     root_set = {str(r) for r in roots}
     rows = [r for r in query(catalog, flt, sort="modified:asc", now=now)
-            if r.cache_root_str in root_set and r.path_str.startswith(r.cache_root_str.rstrip("/") + "/")]
+            if r.cache_root_str in root_set and in_root(r.path_str, r.cache_root_str)]
     if strategy == "ir":
         actions = [a for a in (_plan_ir(catalog, r, roots) for r in rows) if a is not None]
         return PrunePlan("ir", tuple(actions), roots)
@@ -334,6 +337,18 @@ def remove_path(path: Path) -> int:
     return size
 
 
+def in_root(path: str, root: str) -> bool:
+    """`path` lies below the cache root `root` (a catalog row a plan may act on)."""
+    return path.startswith(root.rstrip("/") + "/")
+
+
+def refusal(action: PruneAction, known_roots: Container[Path]) -> str | None:
+    """Why an action must not run now (its root is no longer indexed, or :func:`safe_target`'s reason)."""
+    if action.root not in known_roots:
+        return f"{action.root} is not an indexed cache dir"
+    return safe_target(action.path, action.root)
+
+
 def safe_target(path: Path, root: Path) -> str | None:
     """Why `path` must not be deleted, or None when it is safe (inside root, not a symlink)."""
     try:
@@ -360,11 +375,8 @@ def execute_plan(plan: PrunePlan, catalog: Catalog) -> PruneResult:
     freed = removed = pruned = paths = 0
     skipped: list[tuple[str, str]] = []
     for action in plan.actions:
-        if action.root not in known_roots:
-            skipped.append((str(action.path), f"{action.root} is not an indexed cache dir"))
-            continue
         with catalog.transaction() as conn:
-            why = safe_target(action.path, action.root)
+            why = refusal(action, known_roots)
             if why:
                 skipped.append((str(action.path), why))
                 continue
