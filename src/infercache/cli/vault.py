@@ -20,6 +20,7 @@ from infercache.cli.common import (
     print_json,
     progress_bar,
 )
+from infercache.kernels.discovery import MODES
 from infercache.units import format_size
 from infercache.vault.auth import registry_options
 from infercache.vault.check import check_image
@@ -40,11 +41,7 @@ ImageFormat = Enum("ImageFormat", {name: name for name in FORMATS}, type=str)  #
 Compression = Enum("Compression", {name: name for name in COMPRESSIONS}, type=str)  # type: ignore[misc]
 
 
-class PackMode(str, Enum):
-    auto = "auto"
-    triton = "triton"
-    vllm = "vllm"
-    inductor = "inductor"
+PackMode = Enum("PackMode", {name: name for name in ("auto", *MODES)}, type=str)  # type: ignore[misc]
 
 
 TLS = typer.Option(True, "--tls-verify/--no-tls-verify", help="Verify registry TLS certificates (default: verify).")
@@ -73,7 +70,7 @@ def _targets_text(targets: list[dict[str, Any]]) -> str:
 def pack_command(
     cache_dir: Path = typer.Argument(..., help="The cache directory to pack."),
     image_ref: str = typer.Argument(..., help="oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG], docker://HOST/REPO[:TAG]."),
-    mode: PackMode = typer.Option(PackMode.auto, "--mode", help="auto, triton, vllm or inductor."),
+    mode: PackMode = typer.Option(PackMode.auto, "--mode", help="auto, triton, vllm or inductor."),  # type: ignore[valid-type]
     fmt: ImageFormat = typer.Option("oci", "--format", help="oci or docker media types."),  # type: ignore[valid-type]
     compression: Compression = typer.Option(  # type: ignore[valid-type]
         "gzip", "--compression", help="gzip, zstd or none (docker: gzip only)."),
