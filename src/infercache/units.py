@@ -1,10 +1,15 @@
-"""Parsing and formatting of sizes and durations as the spec defines them."""
+"""Parsing and formatting of sizes and durations as the spec defines them; how progress is counted."""
 
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 from infercache.errors import BadInputError
+
+#: How a long operation reports progress: (done, total), in items or in bytes, as the operation says
+#: (the CLI turns it into a bar: cli.common.progress_bar).
+ProgressCallback = Callable[[int, int], None]
 
 _SIZE_UNITS = {
     "": 1,

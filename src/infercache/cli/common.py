@@ -29,6 +29,7 @@ from rich.progress import (
 
 from infercache.errors import InfercacheError
 from infercache.paths import DATA_DIR_ENV
+from infercache.units import ProgressCallback
 
 # Piped tables are read by grep and people alike: don't squeeze them into 80 columns.
 _PIPE_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
@@ -176,9 +177,6 @@ def handle_errors(func: F) -> F:
             raise fail("interrupted", 130) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-ProgressCallback = Callable[[int, int], None]
 
 
 @contextlib.contextmanager

@@ -23,14 +23,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from infercache.errors import BadInputError
 from infercache.kernels import discovery, entry_rows, index_workers, inductor
 from infercache.kernels.catalog import Catalog
 from infercache.kernels.entry_rows import CacheDirInfo, Item, RunCounts, SkipNote, signature, write_batch
 from infercache.kernels.index_workers import default_workers
-from infercache.units import format_size
+from infercache.units import ProgressCallback, format_size
 
 __all__ = ["BATCH", "PARALLEL_MIN", "IndexSummary", "ProgressCallback", "SkipNote", "default_workers", "index",
            "resolve_roots"]
@@ -42,7 +42,6 @@ BATCH = 500
 #: Entries to (re)read before worker processes pay off (a fork each, results shipped back).
 PARALLEL_MIN = 1000
 
-ProgressCallback = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)

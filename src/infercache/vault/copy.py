@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
 
+from infercache.units import ProgressCallback
 from infercache.vault.image import parse_manifest, to_oci_manifest
 from infercache.vault.reference import ImageReference, RegistryOptions
 from infercache.vault.transport import open_destination, open_source
@@ -36,7 +36,7 @@ def copy_image(
     *,
     src_options: RegistryOptions | None = None,
     dst_options: RegistryOptions | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> CopyResult:
     """Copy one image; the destination is left untouched if anything fails."""
     source = open_source(src, src_options)

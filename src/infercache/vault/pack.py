@@ -27,11 +27,23 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from infercache.errors import BadInputError, InfercacheError
-from infercache.kernels.discovery import TritonCacheDir, check_mode, detect_mode, discover
-from infercache.kernels.triton_entry import KERNEL_FIELDS, TMP_PREFIX, TritonEntry, group_children, parse_entry
+from infercache.kernels.discovery import (
+    TritonCacheDir,
+    check_mode,
+    detect_mode,
+    discover,
+)
+from infercache.kernels.triton_entry import (
+    KERNEL_FIELDS,
+    TMP_PREFIX,
+    TritonEntry,
+    group_children,
+    parse_entry,
+)
+from infercache.units import ProgressCallback
 from infercache.vault import inductor as vault_inductor
 from infercache.vault import labels as L
 from infercache.vault.image import (
@@ -47,7 +59,6 @@ from infercache.vault.transport import open_destination
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[int, int], None]
 COMPRESSIONS: tuple[str, ...] = ("gzip", "zstd", "none")
 FORMATS: tuple[str, ...] = ("oci", "docker")
 #: ISA-L level 2 (its default): ~10x zlib -6 speed at a similar ratio on kernel caches.

@@ -31,11 +31,22 @@ from infercache import paths
 from infercache.errors import BadInputError, InfercacheError
 from infercache.gpu import compat
 from infercache.gpu.targets import GpuTarget
-from infercache.kernels.triton_entry import GROUP_PREFIX, group_children, group_file_bytes
-from infercache.vault import labels as L
+from infercache.kernels.triton_entry import (
+    GROUP_PREFIX,
+    group_children,
+    group_file_bytes,
+)
+from infercache.units import ProgressCallback
 from infercache.vault import inductor
+from infercache.vault import labels as L
 from infercache.vault.check import CheckResult, evaluate, local_targets, with_inductor
-from infercache.vault.extract import ExtractedFile, ExtractLimits, StagingState, UnsafeImageError, extract_layer
+from infercache.vault.extract import (
+    ExtractedFile,
+    ExtractLimits,
+    StagingState,
+    UnsafeImageError,
+    extract_layer,
+)
 from infercache.vault.image import VerifyingReader, config_labels, load_image
 from infercache.vault.reference import ImageReference, RegistryOptions
 from infercache.vault.transport import open_source
@@ -276,7 +287,7 @@ def unpack(
     overwrite: bool = False,
     options: RegistryOptions | None = None,
     limits: ExtractLimits | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> UnpackReport:
     """Install the compatible entries of an image into `dest` (default per the spec); see the module doc."""
     gpus, source_kind = local_targets(targets)
