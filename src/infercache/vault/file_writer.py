@@ -164,11 +164,15 @@ class FileWriter:
             if self._inflight_bytes > self._max:
                 for w in self._workers:
                     self._send(w)
-                with self._cond:
-                    self._waiting = True
-                    while self._inflight_bytes > self._max // 2 and self.error is None:
-                        self._cond.wait()
-                    self._waiting = False
+                self._wait_until(lambda: self._inflight_bytes <= self._max // 2 or self.error is not None)
+
+    def _wait_until(self, done: Callable[[], bool]) -> None:
+        """Sleep until a worker's progress makes `done()` true (workers notify only while someone waits)."""
+        with self._cond:
+            self._waiting = True
+            while not done():
+                self._cond.wait()
+            self._waiting = False
 
     def _send(self, worker: _Worker) -> None:
         if worker.batch:
@@ -192,11 +196,7 @@ class FileWriter:
         if self._workers:
             for w in self._workers:
                 self._send(w)
-            with self._cond:
-                self._waiting = True
-                while self._inflight_jobs:
-                    self._cond.wait()
-                self._waiting = False
+            self._wait_until(lambda: not self._inflight_jobs)
             for w in self._workers:
                 self.results.update(w.results)
                 w.results.clear()
