@@ -287,3 +287,17 @@ def test_cut_manifest_is_refetched(registry: Registry, tmp_path: Path) -> None:
         src = RegistrySource(ImageReference.parse(f"docker://{proxy.host}/retry/cutman:v1"), retry=FAST)
         src.get_manifest()
     assert proxy.count("cut") == 1 and src.digest == digest and src.client.stats.retries == 1
+
+
+@pytest.mark.parametrize("host,loopback", [
+    ("localhost", True), ("localhost:5000", True), ("127.0.0.1:5000", True), ("127.1.2.3", True),
+    ("[::1]:5000", True), ("[::1]", True),
+    ("localhost.example.com", False), ("localhost.example.com:5000", False), ("127.example.com", False),
+    ("127.0.0.1.nip.io:443", False), ("registry.example.com:5000", False), ("10.0.0.1", False),
+])
+def test_is_loopback_matches_whole_host_names_only(host: str, loopback: bool) -> None:
+    """Plain HTTP without --no-tls-verify is allowed only on loopback: a prefix match would let
+    `localhost.attacker.net` be downgraded silently."""
+    from infercache.vault.registry_http import is_loopback
+
+    assert is_loopback(host) is loopback

@@ -7,6 +7,7 @@ Nothing here knows the Distribution API's URLs or auth flow (that is `registry_c
 from __future__ import annotations
 
 import io
+import ipaddress
 import logging
 import os
 import random
@@ -28,7 +29,6 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 READ_BLOCK = 1 << 20
 _SPOOL_IN_MEMORY = 8 << 20
-_LOOPBACK_HOSTS = ("localhost", "127.", "[::1]")
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,18 @@ class Retryable(Exception):
 
 
 def is_loopback(host: str) -> bool:
-    return host.startswith(_LOOPBACK_HOSTS)
+    """True for `localhost`, 127.0.0.0/8 and ::1 (with or without a port); a name that merely
+    starts like one (`localhost.example.com`, `127.example.com`) is not: it may not get plain HTTP."""
+    if host.startswith("["):
+        name = host[1:].partition("]")[0]
+    else:
+        name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def error_text(response: "requests.Response") -> str:
