@@ -158,3 +158,43 @@ def test_a_writer_killed_mid_write_leaves_only_whole_chunks(make_engine, tmp_pat
         mask, _ = engine.retrieve([i] * 4)
         assert bool(mask.all())
     assert engine.stats().tiers["disk"].errors == 0
+
+
+def test_a_second_disk_tier_in_this_process_keeps_the_first_ones_temp_files(tmp_path) -> None:
+    """Two engines of one process on one directory: the second's start-up sweep must not remove a
+    temp file the first is writing (same pid), only stale ones (a dead process with our pid)."""
+    from infercache.kv.tiers import disk as disk_module
+
+    directory = tmp_path / "disk"
+    directory.mkdir()
+    writing = directory / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.part"
+    stale = directory / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.part"
+    writing.write_bytes(b"being written")
+    stale.write_bytes(b"left by a dead process that had our pid")
+    with disk_module._WRITING_LOCK:
+        disk_module._WRITING.add(writing.name)  # as DiskTier._write registers it while writing
+    try:
+        tier = disk_module.DiskTier(directory, 1 << 20, "lru")
+        tier.close()
+    finally:
+        with disk_module._WRITING_LOCK:
+            disk_module._WRITING.discard(writing.name)
+    assert writing.exists() and not stale.exists()
+
+
+def test_a_chunk_with_a_key_over_1k_is_found_after_restart(tmp_path) -> None:
+    from infercache.kv.tiers.base import ChunkHeader
+    from infercache.kv.tiers.disk import DiskTier
+
+    key = "m" * 1500 + "@1@0@" + "ab" * 16 + "@auto"
+    payload = np.arange(2 * 2 * 4 * 8, dtype="<f2").reshape(2, 2, 4, 8)
+    first = DiskTier(tmp_path, 1 << 20, "lru")
+    assert first.put(key, ChunkHeader(1, 0, payload.shape, payload.nbytes), payload)
+    first.close()
+    second = DiskTier(tmp_path, 1 << 20, "lru")
+    try:
+        assert second.keys() == [key]
+        ok, got = second.read(key, lambda head, buf: np.frombuffer(buf, dtype="<f2").reshape(head.shape).copy())
+        assert ok and np.array_equal(got, payload)
+    finally:
+        second.close()

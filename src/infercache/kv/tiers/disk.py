@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 SUFFIX = ".kvc"
 _PIECE = 1 << 20  # write and checksum unit
 TMP_PREFIX = ".tmp-"
+# temp files this process is writing now (any DiskTier): a second tier on the same directory
+# in this process must not take them for a dead writer's leftovers
+_WRITING: set[str] = set()
+_WRITING_LOCK = threading.Lock()
 
 
 class _Pending:
@@ -75,7 +79,9 @@ class DiskTier(Tier):
             name = entry.name
             if name.startswith(TMP_PREFIX) and name.endswith(".part"):
                 pid = name[len(TMP_PREFIX) :].split("-", 1)[0]
-                if not pid.isdigit() or not pid_alive(int(pid)) or int(pid) == os.getpid():
+                with _WRITING_LOCK:
+                    ours = name in _WRITING
+                if not ours and (not pid.isdigit() or not pid_alive(int(pid)) or int(pid) == os.getpid()):
                     _unlink(entry.path)
                     removed += 1
                 continue
@@ -101,8 +107,12 @@ class DiskTier(Tier):
         try:
             with open(path, "rb", buffering=0) as handle:
                 raw = handle.read(HEADER_BYTES + 1024)
-            head, key_len = ChunkHeader.unpack(raw)
-            if size != HEADER_BYTES + key_len + head.nbytes or len(raw) < HEADER_BYTES + key_len:
+                head, key_len = ChunkHeader.unpack(raw)
+                if size != HEADER_BYTES + key_len + head.nbytes:
+                    return None
+                if len(raw) < HEADER_BYTES + key_len:  # a key over 1 KiB: read the rest of it
+                    raw += handle.read(HEADER_BYTES + key_len - len(raw))
+            if len(raw) < HEADER_BYTES + key_len:
                 return None
             return raw[HEADER_BYTES : HEADER_BYTES + key_len].decode(), head
         except (OSError, ValueError, UnicodeDecodeError, Exception):  # noqa: BLE001 - any bad file is skipped
@@ -273,6 +283,8 @@ class DiskTier(Tier):
         body = memoryview(pending.buf)[: head.nbytes]
         tmp = self.dir / f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}.part"
         final = self.path_of(key)
+        with _WRITING_LOCK:
+            _WRITING.add(tmp.name)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -305,6 +317,8 @@ class DiskTier(Tier):
             what = "write (disk full: chunk not stored)" if full else "write"
             self._error(what, exc, "")
         finally:
+            with _WRITING_LOCK:
+                _WRITING.discard(tmp.name)
             with self._lock:
                 if self._pending.get(key) is pending:
                     del self._pending[key]
