@@ -45,11 +45,17 @@ def _number(metadata: Mapping[str, Any], field: str, default: float) -> float:
     value = metadata.get(field, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BadInputError(f"metadata {field!r} must be a number, got {value!r}")
-    if value < 0:
+    try:
+        number = float(value)
+    except OverflowError:  # an int past float range (10**400): as large as a float gets
+        number = math.inf if value > 0 else -math.inf
+    if math.isnan(number):
+        raise BadInputError(f"metadata {field!r} must be a number, got {value!r}")
+    if number < 0:
         raise BadInputError(f"metadata {field!r} must not be negative, got {value!r}")
-    return float(value)
+    return number
 
 
 def compute_ttl(

@@ -120,13 +120,11 @@ class TokenDatabase:
         self._memo_tokens = 0
         self._memo_lock = threading.Lock()
 
-    def chunk_hashes(self, tokens: "np.ndarray", limit: int | None = None) -> list[bytes]:
+    def chunk_hashes(self, tokens: "np.ndarray") -> list[bytes]:
         """The chain hash of every chunk (the partial last one too when save_unfull_chunk)."""
         n = len(tokens)
         cs = self.chunk_size
         stop = n if self.save_unfull_chunk else n - n % cs
-        if limit is not None:
-            stop = min(stop, limit)
         mv = memoryview(tokens.view("u1"))
         step = cs * 4
         parent = self.root_hash

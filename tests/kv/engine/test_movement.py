@@ -84,6 +84,9 @@ def test_compute_ttl_and_select_backend_follow_the_seed() -> None:
     assert compute_ttl({**md, "access_count": 3}) == pytest.approx(3600 * 1.08 * 0.95 * (1 + 0.25 * np.log(4)))
     assert compute_ttl({"perplexity": 15, "time_variance": 1.0}) == 30  # clamped to min_ttl
     assert compute_ttl({"access_count": 1e30}, max_ttl=1000) == 1000
+    assert compute_ttl({"access_count": 10**400}, max_ttl=1000) == 1000  # past float range: no OverflowError
+    with pytest.raises(ValueError, match="negative"):
+        compute_ttl({"access_count": -(10**400)})
     assert select_backend({"perplexity": 30, "time_variance": 0.1}) == "disk"
     assert select_backend({"perplexity": 10, "time_variance": 0.9}) == "disk"
     assert select_backend({"perplexity": 10, "last_access": time.time() - 7200}) == "disk"
