@@ -183,11 +183,11 @@ class Engine:
             if tier is None:
                 if remote is None:
                     return found
-                # a chunk also held locally later in the walk still reports its fastest tier
+                # later chunks: the fastest tier holding each (a local-only one does not end the walk)
                 for j, here in enumerate(remote.contains_many(keys[i:]), i):
-                    if not here:
+                    if (tier := local(j) or (remote if here else None)) is None:
                         break
-                    found.append(local(j) or remote)
+                    found.append(tier)
                 return found
             found.append(tier)
         return found

@@ -182,3 +182,16 @@ def test_accounting_for_earlier_chunks_waits_for_redis(make_engine, redis_server
     assert late.lookup(list(range(8))) == 8  # from Redis; the round trip starts the accounting
     assert remote.adopted.wait(30)
     assert late.stats().tiers["remote"].bytes == peer.stats().tiers["remote"].bytes > 0
+
+
+def test_a_chunk_only_in_hot_after_chunks_only_in_redis_still_counts(make_engine, redis_server) -> None:
+    """The walk over Redis must not stop at a later chunk that Redis lacks but a local tier has."""
+    engine = make_engine(remote_url=redis_server.url, write_policy="write_back")  # stores go to hot only
+    tokens = list(range(16))
+    kv = kv_for(16)
+    assert engine.store(tokens, kv) == 16
+    assert engine.move(tokens[:12], "hot", "remote") == 12  # chunks 0-2 now only in Redis, chunk 3 only hot
+    assert engine.locate(tokens) == ["remote"] * 3 + ["hot"]
+    assert engine.lookup(tokens) == 16
+    mask, out = engine.retrieve(tokens)
+    assert bool(mask.all()) and np.array_equal(out, kv)
