@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import re
+import tarfile
 from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
@@ -275,3 +276,25 @@ def test_triton_parts_of_an_inductor_cache_go_per_gpu_target(torch_cache_master:
     bare = unpack(ref, tmp_path / "dest2")  # no GPU, no --target: Inductor artifacts only, with a warning
     assert not any(e.startswith("triton/") for e in bare.extracted) and (tmp_path / "dest2" / "fxgraph").is_dir()
     assert any("Triton entries skipped" in w for w in bare.warnings)
+
+
+@pytest.mark.parametrize("extra", [
+    Member("io.inductor.cache/fx/abc/evil", tarfile.SYMTYPE, linkname="../../../io.inductor.cache/fx"),
+    Member("io.inductor.cache/fx/abc/sub/evil", tarfile.SYMTYPE, linkname="../../../../io.inductor.cache"),
+])
+def test_unpack_refuses_unlisted_links_in_a_dir_unit(extra: Member, tmp_path: Path) -> None:
+    """A `dir` record is installed as one directory: a link in it that the manifest does not list (one
+    that stays in the image's top dir, but leaves the destination once installed) refuses the image."""
+    here = inductor.host_facts()
+    data = b"fx graph"
+    manifest = {"schema": 1, "triton": [], "vllm": [], "host": here.to_json(), "inductor": [
+        {"kind": "fxgraph", "key": "abc", "path": "fx/abc", "unit": "dir", "torch_version": None,
+         "files": [{"name": "entry", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}]}]}
+    layer = tar_bytes([Member("io.inductor.cache/fx/abc/entry", data=data), extra,
+                       Member("io.inductor.manifest/manifest.json", data=json.dumps(manifest).encode())])
+    ref = build_image(tmp_path / "img", layer, summary=json.dumps({"targets": []}))
+    _relabel(tmp_path / "img", {"model.cache.image/type": "inductor", "model.cache.image/components": '["inductor"]',
+                                S: json.dumps({**here.to_json(), "torch_versions": [], "targets": []})})
+    with pytest.raises(InfercacheError, match="not listed"):
+        unpack(ref, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()

@@ -290,6 +290,25 @@ def verify(top_name: str, records: Sequence[Mapping[str, Any]], extracted: Mappi
     return out
 
 
+def unlisted_in_dirs(top: Path, records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What a `dir` record's staged directory holds besides its listed files (links, say): it would be
+    moved in with the directory, unchecked. `records` as :func:`verify` returns them; paths relative to `top`."""
+    found: list[str] = []
+    for record in records:
+        if record.get("unit") != "dir":
+            continue
+        names = {f["name"] for f in record["files"]}
+        root = top / record["path"]
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = Path(dirpath)
+            links = [d for d in dirnames if (here / d).is_symlink()]
+            dirnames[:] = [d for d in dirnames if d not in links]
+            for name in [*filenames, *links]:
+                if here != root or name not in names or (here / name).is_symlink():
+                    found.append((here / name).relative_to(top).as_posix())
+    return sorted(found)
+
+
 @dataclass
 class InstallOutcome:
     extracted: list[str] = field(default_factory=list)

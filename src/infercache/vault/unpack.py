@@ -389,6 +389,10 @@ def _install_inductor(
         checked = inductor.verify(L.CACHE_DIRS[inductor.COMPONENT], records, hashes)
     except inductor.ManifestMismatch as exc:
         raise UnsafeImageError(str(exc)) from None
+    unlisted = inductor.unlisted_in_dirs(staging / L.CACHE_DIRS[inductor.COMPONENT], checked)
+    if unlisted:
+        raise UnsafeImageError(f"layer holds entries not listed in manifest.json: {', '.join(unlisted[:5])}"
+                               + (" ..." if len(unlisted) > 5 else ""))
 
     def gpu_ok(record: Any) -> bool | None:
         if not gpus:
