@@ -194,8 +194,10 @@ class HotTier(Tier):
         `size` bytes fit without the pool evicting on its own."""
         bs = self.pool.block_size
         room = -(-size // bs) * bs
+        if self.pool.stats().largest_free_bytes >= room:  # the common case: no victim order needed
+            return
         for victim in self.book.victims():
-            if self.pool.stats()["largest_free_bytes"] >= room:
+            if self.pool.stats().largest_free_bytes >= room:
                 return
             if victim == incoming:
                 continue
