@@ -156,3 +156,25 @@ def test_baremetal_check_removes_only_incompatible(triton_cache: Path) -> None:
     assert result["checked"] == len(keys)
     assert sorted(result["removed"]) == sorted(keys_ for t, v in by_target.items() if t != ("cuda", "80") for keys_ in v)
     assert _keys_by_target(triton_cache) == {("cuda", "80"): by_target[("cuda", "80")]}
+
+
+def test_baremetal_check_never_follows_a_link(triton_cache: Path, tmp_path: Path) -> None:
+    """A key that is a link (to an entry outside dest, or inside it) is neither checked nor removed,
+    so the plan reports only what execution really removes."""
+    import shutil
+
+    from infercache.vault.baremetal import baremetal_check
+
+    by_target = _keys_by_target(triton_cache)
+    foreign = sorted(k for t, v in by_target.items() if t != ("cuda", "80") for k in v)
+    outside = tmp_path / "outside"
+    shutil.copytree(triton_cache / foreign[0], outside / foreign[0])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    shutil.copytree(triton_cache / foreign[1], dest / foreign[1])
+    (dest / "out-link").symlink_to(outside / foreign[0])
+    (dest / "in-link").symlink_to(dest / foreign[1])
+    result = baremetal_check(dest, ["out-link", "in-link", foreign[1]], ["cuda:80"]).to_json()
+    assert result == {"checked": 1, "removed": [foreign[1]]}
+    assert (outside / foreign[0]).is_dir() and (dest / "out-link").is_symlink() and (dest / "in-link").is_symlink()
+    assert not (dest / foreign[1]).exists()

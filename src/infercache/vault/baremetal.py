@@ -41,14 +41,16 @@ class BaremetalPlan:
 
 
 def plan_baremetal_check(dest: Path, keys: Sequence[str], targets: Sequence[str] | None = None) -> BaremetalPlan:
-    """Check the entries `keys` under `dest` against the local GPUs (or `targets`); nothing is removed."""
+    """Check the entries `keys` under `dest` against the local GPUs (or `targets`); nothing is removed.
+
+    A link is never checked (execution would not remove it, so the plan must not list it)."""
     gpus, _source = local_targets(targets or None)
     local_triton = installed_triton_version()
     checked: list[str] = []
     incompatible: list[str] = []
     for key in keys:
         path = Path(dest) / key
-        if not _entry_name(key) or not is_within(path, dest) or not path.is_dir():
+        if not _entry_name(key) or path.is_symlink() or not is_within(path, dest) or not path.is_dir():
             continue
         entry, _raw = scan_entry(path)
         if not isinstance(entry, TritonEntry):
