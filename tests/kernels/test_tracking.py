@@ -13,7 +13,7 @@ import pytest
 
 from infercache.kernels.catalog import Catalog
 from tests.helpers import require_tool
-from tests.kernels.kutil import do_index
+from tests.kernels.kutil import SAMPLE_ENTRIES, do_index, entries
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -213,3 +213,22 @@ def test_stats_hit_rate_top_kernels_never_hit_and_zero(triton_cache: Path, data_
     r = runner.invoke(app, ["kernels", "stats", "--zero", "--format", "json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["hits"] == 10  # shown, then reset
     assert all(v[:2] == (0, 0) for v in _usage(data_dir).values())  # not-indexed counts too
+
+
+def test_stats_count_each_key_once_when_copies_share_it(sample_cache_master: Path, tmp_path: Path,
+                                                        catalog: Catalog) -> None:
+    """Two cache dirs holding the same kernels (TP ranks, a copied cache) share one usage row per key:
+    `stats` must not add that row once per copy, nor list the kernel twice among the most hit."""
+    from infercache.kernels.stats import compute_stats
+    from tests.helpers import copy_triton_cache
+
+    a = copy_triton_cache(sample_cache_master, tmp_path / "rank0")
+    b = copy_triton_cache(sample_cache_master, tmp_path / "rank1")
+    do_index(catalog, a, b, mode="triton")
+    k1, k2 = sorted({e.key for e in entries(a)})[:2]
+    catalog.record_usage_batch([(k1, 10, 2, 1.0, None), (k2, 3, 1, 1.0, None)])
+    stats = compute_stats(catalog)
+    assert stats.entries == 2 * SAMPLE_ENTRIES
+    assert (stats.hits, stats.misses) == (13, 3)
+    assert [(t.key, t.hits) for t in stats.top_kernels] == [(k1, 10), (k2, 3)]
+    assert stats.never_hit.entries == 2 * (SAMPLE_ENTRIES - 2)  # every copy of the others takes space

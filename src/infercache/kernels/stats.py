@@ -140,8 +140,11 @@ def compute_stats(catalog: Catalog, flt: KernelFilter | None = None, top: int = 
         )
         return {str(r[0]): Group(r[1], r[2]) for r in rows}
 
-    entries, total, hits, misses = conn.execute(
-        f"SELECT count(*), coalesce(sum(e.total_size), 0), coalesce(sum(u.hits), 0), coalesce(sum(u.misses), 0) {base}",
+    entries, total = conn.execute(f"SELECT count(*), coalesce(sum(e.total_size), 0) {base}", params).fetchone()
+    # Usage is one row per key, and copies of a kernel (TP ranks, two cache dirs) share their key:
+    # count each selected key's row once, not once per copy.
+    hits, misses = conn.execute(
+        f"SELECT coalesce(sum(hits), 0), coalesce(sum(misses), 0) FROM usage WHERE key IN (SELECT e.key {base})",
         params,
     ).fetchone()
     by_file_type = {
@@ -175,8 +178,9 @@ def compute_stats(catalog: Catalog, flt: KernelFilter | None = None, top: int = 
     top_kernels = tuple(
         KernelHits(*r)
         for r in conn.execute(
-            f"SELECT e.key, e.name, e.backend, e.arch, u.hits, u.misses, u.last_access, u.compile_time_s, "
-            f"e.total_size {base} AND u.hits > 0 ORDER BY u.hits DESC, e.name, e.key LIMIT ?",
+            f"SELECT e.key, min(e.name), min(e.backend), min(e.arch), u.hits, u.misses, u.last_access, "
+            f"u.compile_time_s, max(e.total_size) {base} AND u.hits > 0 GROUP BY e.key "
+            f"ORDER BY u.hits DESC, 2, e.key LIMIT ?",
             [*params, top],
         )
     )
