@@ -23,14 +23,13 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from infercache.errors import BadInputError
 from infercache.kv.config import EngineConfig
-from infercache.kv.placement import compute_ttl, normalize_location, select_backend
+from infercache.kv.placement import AccessLog, compute_ttl, normalize_location, select_backend
 from infercache.kv.tiers.base import (
     DTYPES, KIND_NUMPY, KIND_TORCH, ChunkHeader, Tier, as_storage, from_storage, payload_view,
 )  # fmt: skip
@@ -102,7 +101,7 @@ class Engine:
         self._ttl: dict[tuple[str, str], int] = {}  # (key, tier) -> seq of its live heap entry
         self._seq = itertools.count()
         self._pins: dict[tuple[str, str], float] = {}  # (key, tier) -> unpin deadline
-        self._access: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._access = AccessLog(_ACCESS_CAP)  # per request (its last chunk's key)
         self._geometry: tuple[int, int, int, int] | None = None  # (dtype, kind, layers, hidden)
         for name, tier in self._tiers.items():
             for key, expires in tier.expiries():
@@ -192,13 +191,6 @@ class Engine:
             found.append(tier)
         return found
 
-    def _note_access(self, key: str) -> tuple[int, float | None]:
-        count, last = self._access.pop(key, (0, None))
-        self._access[key] = (count + 1, time.time())
-        if len(self._access) > _ACCESS_CAP:
-            self._access.popitem(last=False)
-        return count, last
-
     def _schedule(self, key: str, tier: str, expires: float, ttl: float) -> None:
         seq = next(self._seq)
         self._ttl[(key, tier)] = seq
@@ -214,11 +206,7 @@ class Engine:
             return 0, None
         if not isinstance(metadata, dict):
             raise BadInputError(f"metadata must be a dict, got {type(metadata).__name__}")
-        md = dict(metadata)
-        count, last = self._note_access(chunks[-1].key)
-        md.setdefault("access_count", count)
-        if last is not None:
-            md.setdefault("last_access", last)
+        _, md = self._access.annotate(chunks[-1].key, metadata)
         cfg = self.config
         ttl = compute_ttl(md, base_ttl=cfg.base_ttl, min_ttl=cfg.min_ttl, max_ttl=cfg.max_ttl)
         wanted = ("hot", "disk", "remote").index(normalize_location(select_backend(md)))
@@ -251,7 +239,7 @@ class Engine:
         with self._lock:
             target, ttl = self._placement(chunks, metadata)
             if metadata is None:
-                self._note_access(chunks[-1].key)
+                self._access.note(chunks[-1].key)
             self._geometry = (code, kind, storage.shape[1], storage.shape[3])
             order = self._order
             writes = order[target:] if self.config.write_policy == "write_through" else order[target : target + 1]
@@ -373,7 +361,7 @@ class Engine:
                     part = out[:, :, c.start - start : c.end - start, :]
                     hot.put(c.key, ChunkHeader(state["code"], state["kind"], part.shape, part.nbytes), part)
             if valid:
-                self._note_access(chunks[-1].key)
+                self._access.note(chunks[-1].key)
         result_mask = np.zeros(n, dtype=bool)
         result_mask[start : start + n_ret] = True
         if out is None:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Mapping
+from collections import OrderedDict
+from typing import Any, Hashable, Mapping
 
 from infercache.errors import BadInputError
 
@@ -96,3 +97,30 @@ def select_backend(
     if perplexity >= REMOTE_FACTOR * hot_threshold:
         return "remote"
     return "disk"
+
+
+class AccessLog:
+    """Access count and last access time per prompt (the oldest forgotten past `cap`): what the
+    heuristics' ``access_count`` and ``last_access`` are, for callers that do not pass them."""
+
+    def __init__(self, cap: int = 100_000) -> None:
+        self.cap = cap
+        self._seen: OrderedDict[Hashable, tuple[int, float]] = OrderedDict()
+
+    def note(self, key: Hashable) -> tuple[int, float | None]:
+        """Record an access to `key`; returns (earlier accesses, time of the last one or None)."""
+        count, last = self._seen.pop(key, (0, None))
+        self._seen[key] = (count + 1, time.time())
+        while len(self._seen) > self.cap:
+            self._seen.popitem(last=False)
+        return count, last
+
+    def annotate(self, key: Hashable, metadata: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Record an access; (accesses so far, this one included; a copy of `metadata` with
+        access_count and last_access filled in unless given)."""
+        count, last = self.note(key)
+        meta = dict(metadata)
+        meta.setdefault("access_count", count)
+        if last is not None:
+            meta.setdefault("last_access", last)
+        return count + 1, meta

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from infercache.errors import BadInputError
 from infercache.kv.integrations.transformers import ManagedGenerator
-from infercache.kv.placement import compute_ttl, normalize_location, select_backend
+from infercache.kv.placement import AccessLog, compute_ttl, normalize_location, select_backend
 
 log = logging.getLogger(__name__)
-
-_MAX_TRACKED = 100_000  # prompts whose access counts are remembered (oldest forgotten first)
 
 
 @dataclass(frozen=True)
@@ -60,7 +57,7 @@ class MultiTierCache:
         self.wait_moves = wait_moves
         self.move_timeout = move_timeout
         self.history: deque[ManageRecord] = deque(maxlen=1000)
-        self._seen: "OrderedDict[str, tuple[int, float]]" = OrderedDict()
+        self._seen = AccessLog()  # per prompt text
         self._locations: tuple[str, ...] | None = None
         if llm is not None:
             self.set_llm(llm)
@@ -134,14 +131,7 @@ class MultiTierCache:
     def _count_access(self, prompt: str, meta: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         """Previous accesses of this prompt (fed to the heuristics unless the caller gave them)."""
         key = hashlib.blake2b(prompt.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-        count, last = self._seen.pop(key, (0, None))
-        self._seen[key] = (count + 1, time.time())
-        while len(self._seen) > _MAX_TRACKED:
-            self._seen.popitem(last=False)
-        meta.setdefault("access_count", count)
-        if last is not None:
-            meta.setdefault("last_access", last)
-        return count + 1, meta
+        return self._seen.annotate(key, meta)
 
     def _controller_locations(self) -> tuple[str, ...]:
         if self._locations is None:

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from infercache.kv.placement import LOCATIONS, compute_ttl, normalize_location, select_backend
+from infercache.kv.placement import LOCATIONS, AccessLog, compute_ttl, normalize_location, select_backend
 from tests.kv.engine.conftest import kv_for
 
 BIG = {"layers": 4, "hidden": 64}  # 4 tokens x fp16 = 4 KiB payload: 2 pool blocks per record
@@ -97,6 +97,16 @@ def test_compute_ttl_and_select_backend_follow_the_seed() -> None:
         compute_ttl({"perplexity": "high"})
     with pytest.raises(ValueError, match="unknown location"):
         normalize_location("tape")
+
+
+def test_access_log_counts_fills_in_metadata_and_forgets_the_oldest() -> None:
+    log = AccessLog(cap=2)
+    assert log.annotate("a", {"perplexity": 15}) == (1, {"perplexity": 15, "access_count": 0})
+    count, meta = log.annotate("a", {"access_count": 9})
+    assert count == 2 and meta["access_count"] == 9 and meta["last_access"] <= time.time()  # given values win
+    log.note("b")
+    log.note("c")  # over the cap: "a" (least recent) is forgotten
+    assert log.note("a") == (0, None) and log.note("c")[0] == 1
 
 
 def test_store_with_metadata_goes_to_the_selected_tier(make_engine, redis_server) -> None:

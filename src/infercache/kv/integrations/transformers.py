@@ -19,12 +19,12 @@ import hashlib
 import logging
 import time
 from array import array
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from infercache.errors import BadInputError, InfercacheError
-from infercache.kv.placement import compute_ttl, normalize_location, select_backend
+from infercache.kv.placement import AccessLog, compute_ttl, normalize_location, select_backend
 
 if TYPE_CHECKING:
     import torch
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SUPPORTED_LAYER_TYPES = ("full_attention",)
-_MAX_TRACKED = 100_000  # prompts whose access counts feed the TTL heuristics (oldest forgotten first)
 
 
 class UnsupportedModelError(BadInputError):
@@ -176,7 +175,7 @@ class ManagedGenerator:
         self.tokenizer = tokenizer
         self.engine = engine
         self.shape = check_supported(model)
-        self._seen: "OrderedDict[bytes, tuple[int, float]]" = OrderedDict()
+        self._seen = AccessLog()  # per prompt (its token ids)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Prompt ids without special tokens (the controller's /tokenize gives the same ids)."""
@@ -284,15 +283,7 @@ class ManagedGenerator:
             raise BadInputError(f"metadata must be a dict, got {type(metadata).__name__}")
         compute_ttl(metadata), select_backend(metadata)  # bad values fail here, before any work
         key = hashlib.blake2b(array("q", ids).tobytes(), digest_size=16).digest()
-        count, last = self._seen.pop(key, (0, None))
-        self._seen[key] = (count + 1, time.time())
-        while len(self._seen) > _MAX_TRACKED:
-            self._seen.popitem(last=False)
-        meta = dict(metadata)
-        meta.setdefault("access_count", count)
-        if last is not None:
-            meta.setdefault("last_access", last)
-        return meta
+        return self._seen.annotate(key, metadata)[1]
 
     def _placement(self, ids: list[int], metadata: dict[str, Any] | None) -> tuple[str | None, float | None]:
         """Where the prompt's chunks sit now and the TTL the heuristics give them (the engine's bounds)."""
