@@ -32,9 +32,6 @@ from typing import Any, Mapping
 from infercache.kernels.discovery import NO_VLLM, VllmInfo
 from infercache.kernels.query import iso
 
-KINDS: tuple[str, ...] = ("fxgraph", "aotautograd", "module", "autotune", "vllm-artifact", "vllm-graph", "aot-model")
-#: Classes of files that are cache content but never artifacts.
-NOISE: tuple[str, ...] = ("lock", "temp")
 VLLM_GRAPH_FILES = frozenset({"computation_graph.py", "vllm_compile_cache.py", "transformed_code.py",
                               "cache_key_factors.json"})
 ARTIFACT_PREFIX = "artifact_compile_range_"

@@ -150,17 +150,14 @@ def _index(
     modes: list[str] = []
     # 1. Discover the Triton cache dirs and list their children (cheap: one lstat each).
     jobs: list[tuple[Any, list[os.DirEntry[str]]]] = []
-    artifacts: list[Any] = []
     root_modes: dict[Path, str] = {}
     for root in roots:
         root_mode = discovery.detect_mode(root) if mode == "auto" else mode
         root_modes[root] = root_mode
         modes.append(root_mode)
         for item in discovery.discover(root, root_mode):
-            if isinstance(item, discovery.TritonCacheDir):
+            if isinstance(item, discovery.TritonCacheDir):  # artifacts: inductor.scan_root below
                 jobs.append((item, _list_children(item.path)))
-            else:
-                artifacts.append(item)
     total = sum(len(children) for _, children in jobs)
     done = 0
     if progress:
