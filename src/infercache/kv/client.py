@@ -186,7 +186,14 @@ class LocalController:
     def tokenize(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):
             raise ControllerBadInput("prompt: expected a string")
-        ids = self.tokenizer.encode(prompt)
+        try:
+            ids = self.tokenizer.encode(prompt)
+        except Exception:
+            try:  # JSON can carry a lone surrogate ("\ud800"): only the byte-level fallback takes it
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ControllerBadInput(f"prompt: not valid Unicode ({exc.reason} at {exc.start})") from None
+            raise
         if len(ids) > self.max_tokens:
             raise TooLargeError(f"prompt: {len(ids)} tokens is over this server's limit of {self.max_tokens}")
         return ids

@@ -47,3 +47,24 @@ def test_missing_or_bad_tokenizer_is_bad_input(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(BadInputError, match="cannot read"):
         load_tokenizer(bad)
+
+
+def test_a_lone_surrogate_is_bad_input_for_a_real_tokenizer(tmp_path, engine):
+    """JSON may carry "\\ud800"; `tokenizers` refuses it with a TypeError, which must be a 422, not a 500."""
+    require_module("transformers")
+    from fastapi.testclient import TestClient
+
+    from infercache.kv.client import ControllerBadInput, LocalController
+    from infercache.kv.server import create_app
+    from infercache.kv.tokenizer import byte_level_tokenizer
+
+    byte_level_tokenizer().save_pretrained(tmp_path / "tok")
+    for source in (tmp_path / "tok", tmp_path / "tok" / "tokenizer.json"):
+        controller = LocalController(engine, tokenizer=source)
+        assert controller.tokenize("ab") == [97, 98]
+        with pytest.raises(ControllerBadInput, match="prompt: not valid Unicode"):
+            controller.tokenize("a\ud800b")
+        with TestClient(create_app(controller).app) as http:
+            resp = http.post("/tokenize", content=b'{"prompt": "a\\ud800b"}', headers={"content-type": "application/json"})
+            assert resp.status_code == 422 and "not valid Unicode" in resp.json()["detail"]
+    assert LocalController(engine).tokenize("a\ud800b") == [97, 0xED, 0xA0, 0x80, 98]  # the byte fallback takes it
