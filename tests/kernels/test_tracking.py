@@ -232,3 +232,38 @@ def test_stats_count_each_key_once_when_copies_share_it(sample_cache_master: Pat
     assert (stats.hits, stats.misses) == (13, 3)
     assert [(t.key, t.hits) for t in stats.top_kernels] == [(k1, 10), (k2, 3)]
     assert stats.never_hit.entries == 2 * (SAMPLE_ENTRIES - 2)  # every copy of the others takes space
+
+
+def test_stats_zero_holds_the_write_lock_between_read_and_reset(triton_cache: Path, catalog: Catalog,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracker flush cannot slip in between `stats --zero`'s read and its reset (its hits would be
+    reset unseen): it finds the catalog locked (a tracker's busy timeout waits, landing after the reset)."""
+    import sqlite3
+
+    from infercache.kernels import stats as stats_mod
+
+    do_index(catalog, triton_cache)
+    key = entries(triton_cache)[0].key
+    catalog.record_usage_batch([(key, 4, 1, 1.0, None)])
+    real = stats_mod.compute_stats
+    outcome: list[str] = []
+
+    def compute_then_try_a_flush(*args: object, **kwargs: object) -> object:
+        result = real(*args, **kwargs)  # type: ignore[arg-type]
+        other = sqlite3.connect(catalog.path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("UPDATE usage SET hits = hits + 5 WHERE key = ?", (key,))
+            other.execute("COMMIT")
+            outcome.append("written")
+        except sqlite3.OperationalError as exc:
+            outcome.append(str(exc))
+        finally:
+            other.close()
+        return result
+
+    monkeypatch.setattr(stats_mod, "compute_stats", compute_then_try_a_flush)
+    shown = stats_mod.stats_then_zero(catalog)
+    assert (shown.hits, shown.misses) == (4, 1)
+    assert outcome == ["database is locked"]
+    assert _usage(catalog.path.parent)[key][:2] == (0, 0)

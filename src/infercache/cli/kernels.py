@@ -38,7 +38,7 @@ from infercache.kernels.query import (
     query,
     query_artifacts,
 )
-from infercache.kernels.stats import compute_stats, zero_counters
+from infercache.kernels.stats import compute_stats, stats_then_zero
 from infercache.kernels.triton_entry import KERNEL_FIELDS
 from infercache.units import format_size, parse_size
 
@@ -370,10 +370,7 @@ def stats_command(
     flt = KernelFilter.build(cache_dirs=cache_dir or (), mode=mode)
     with open_catalog(ctx) as catalog:
         refresh_if_dirs(catalog, flt)
-        stats = compute_stats(catalog, flt)
-        if zero:
-
-            zero_counters(catalog, flt)
+        stats = stats_then_zero(catalog, flt) if zero else compute_stats(catalog, flt)
     if fmt == OutputFormat.json:
         print_json(stats.to_json())
     else:

@@ -70,6 +70,18 @@ def zero_counters(catalog: Catalog, flt: KernelFilter | None = None) -> int:
     return catalog.zero_usage(keys)
 
 
+def stats_then_zero(catalog: Catalog, flt: KernelFilter | None = None, top: int = TOP_KERNELS) -> "CacheStats":
+    """`stats --zero`: the counters as they stand, then reset, in one write transaction.
+
+    Why one: a tracker flushing between the read and the reset would have its hits reset
+    without ever being shown; inside the transaction it waits and lands after the reset.
+    """
+    with catalog.transaction():
+        stats = compute_stats(catalog, flt, top)
+        zero_counters(catalog, flt)
+    return stats
+
+
 @dataclass(frozen=True)
 class CacheStats:
     entries: int
