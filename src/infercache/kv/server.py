@@ -43,6 +43,7 @@ Position = Annotated[tuple[Annotated[str, Field(strict=True)], Annotated[str, Fi
 ROUTES = ("/health", "/tokenize", "/lookup", "/move", "/check_finish", "/pin", "/unpin", "/clear", "/metrics",
           "/openapi.json", "/docs")
 OPEN_ROUTES = ("/health",)
+METHODS = ("GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH")  # others count as "other" (label cardinality)
 _BYTES_PER_TOKEN = 24  # generous JSON size of one token id ("2147483647, "), for the body cap
 
 
@@ -247,7 +248,9 @@ class GuardedApp:
                 return
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.metrics.observe(route, scope.get("method", ""), status_box[0], time.perf_counter() - started)
+            method = scope.get("method", "")
+            self.metrics.observe(route, method if method in METHODS else "other", status_box[0],
+                                 time.perf_counter() - started)
 
     def _authorized(self, scope: dict[str, Any]) -> bool:
         for name, value in scope.get("headers", ()):

@@ -95,8 +95,11 @@ def test_metrics_expose_tier_counters_and_latency(server, client, raw, shared_en
     tokens = unique_tokens(2 * CHUNK, seed=2)
     engine.store(tokens, random_kv(len(tokens)))
     client.lookup(tokens)
+    for i in range(3):  # made-up methods must not each get a metric series (unbounded label values)
+        raw.request(f"BREW{i}", "/lookup")
     text = client.metrics()
     inst = server.instance_id
+    assert 'method="BREW' not in text and 'method="other",route="/lookup"' in text
     for tier in ("hot", "disk"):
         for name in ("hits_total", "misses_total", "stores_total", "evictions_total", "errors_total"):
             assert f'infercache_kv_{name}{{kv_instance="{inst}",tier="{tier}"}}' in text
