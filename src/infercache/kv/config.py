@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -39,7 +40,7 @@ class EngineConfig:
     pool_name: str | None = None
     local_disk: str | None = None
     local_disk_size: int | str = "4G"
-    remote_url: str | None = None
+    remote_url: str | None = dataclasses.field(default=None, repr=False)  # may carry a password
     remote_serde: str = "none"
     remote_size: int | str | None = None
     cache_policy: str = "lru"
@@ -178,7 +179,8 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def _mask_url(url: str) -> str:
-    """The URL with any password replaced by ***, for logs and JSON."""
+    """The URL with any password (user info, or redis-py's ``?password=``) replaced by ***, for logs and JSON."""
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
     scheme, sep, rest = url.partition("://")
     if "@" not in rest:
         return url

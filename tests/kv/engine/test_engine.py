@@ -131,6 +131,9 @@ def test_config_from_kwargs_yaml_and_env(tmp_path) -> None:
     cfg = EngineConfig(chunk_size=128, local_cpu_size="5G", remote_url="redis://u:secret@127.0.0.1:1/0")
     assert cfg.local_cpu_size == 5 << 30
     assert "secret" not in str(cfg.to_json()) and cfg.to_json()["chunk_size"] == 128
+    assert "secret" not in repr(cfg)
+    query = EngineConfig(remote_url="redis://127.0.0.1:1/0?password=secret&db=0")  # redis-py's other spelling
+    assert "secret" not in str(query.to_json()) and query.to_json()["remote_url"].endswith("password=***&db=0")
     path = tmp_path / "engine.yaml"
     path.write_text("chunk_size: 64\nmodel_name: llama\nlocal_disk_size: 2G\nsave_unfull_chunk: true\n")
     from_file = EngineConfig.from_file(path)
