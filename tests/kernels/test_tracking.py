@@ -267,3 +267,36 @@ def test_stats_zero_holds_the_write_lock_between_read_and_reset(triton_cache: Pa
     assert (shown.hits, shown.misses) == (4, 1)
     assert outcome == ["database is locked"]
     assert _usage(catalog.path.parent)[key][:2] == (0, 0)
+
+
+def test_flush_against_a_held_write_lock_gives_up_and_retries_later(data_dir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """While another process holds the catalog's write lock, a flush waits FLUSH_BUSY_TIMEOUT_MS (not the
+    catalog's two-minute default: a program's exit would hang on it), keeps its counts, and lands them
+    exactly once at the next flush."""
+    import sqlite3
+
+    from infercache.kernels import tracking
+
+    monkeypatch.setattr(tracking, "FLUSH_INTERVAL_S", 3600.0)  # no background flush during the test
+    monkeypatch.setattr(tracking, "FLUSH_BUSY_TIMEOUT_MS", 50)
+    Catalog.open(data_dir).close()
+    buffer = tracking._Buffer()
+    buffer.add("KEY-A", hits=3)
+    holder = sqlite3.connect(data_dir / "catalog.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        assert buffer.flush() is False
+        assert buffer.pending()["KEY-A"][:2] == (3, 0)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    buffer.add("KEY-A", hits=1)
+    assert buffer.flush() is True
+    assert buffer._catalog is not None and buffer._catalog.busy_timeout_ms == 50  # the connection it keeps
+    buffer._stop.set()
+    buffer._drop_catalog()
+    assert buffer.pending() == {}
+    assert _usage(data_dir)["KEY-A"][:2] == (4, 0)
+    with tracking.Catalog(tracking.catalog_path(), busy_timeout_ms=50) as cat:
+        assert cat.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 50

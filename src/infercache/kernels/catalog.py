@@ -169,8 +169,12 @@ def catalog_path(data_dir: str | os.PathLike[str] | None = None) -> Path:
 class Catalog:
     """A connection to the catalog; cheap to open, close it (or use `with`) when done."""
 
-    def __init__(self, path: str | os.PathLike[str], *, upto: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, upto: int | None = None,
+                 busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
+        """`busy_timeout_ms`: the longest any statement waits for another writer (the runtime
+        tracker passes a short one: its counts can wait for the next flush, a program's exit cannot)."""
         self.path = Path(path)
+        self.busy_timeout_ms = busy_timeout_ms
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not self.path.exists():
@@ -179,10 +183,10 @@ class Catalog:
                 fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
                 os.close(fd)
             self.conn = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+                self.path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
             )
             self.conn.row_factory = sqlite3.Row
-            self.conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self.conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
             self._retry(lambda: self.conn.execute("PRAGMA journal_mode=WAL"))
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("PRAGMA cache_size=-32768")  # 32 MiB: a 10,000-entry catalog stays in memory
@@ -211,7 +215,7 @@ class Catalog:
 
     def _retry(self, fn: Callable[[], object]) -> object:
         """Some statements (journal_mode switch) report SQLITE_BUSY without waiting: retry them."""
-        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        deadline = time.monotonic() + self.busy_timeout_ms / 1000
         delay = 0.01
         while True:
             try:

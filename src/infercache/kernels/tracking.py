@@ -150,8 +150,7 @@ class _Buffer:
         self._catalog_path = path
         if not os.path.exists(path):
             logger.info("infercache: creating the catalog %s for kernel hit counts", path)
-        catalog = Catalog(path)
-        catalog.conn.execute(f"PRAGMA busy_timeout={FLUSH_BUSY_TIMEOUT_MS}")
+        catalog = Catalog(path, busy_timeout_ms=FLUSH_BUSY_TIMEOUT_MS)
         self._catalog = catalog
         return catalog
 
