@@ -117,6 +117,12 @@ def test_two_engines_share_a_disk_directory(make_engine, tmp_path) -> None:
     assert b.locate(list(range(8))) == ["disk", "disk"]
     mask, out = b.retrieve(list(range(8)))
     assert bool(mask.all()) and np.array_equal(out, kv_for(8))
+    a.store(list(range(100, 108)), kv_for(8))  # b has not looked these up: not in its index
+    a.flush()
+    a.clear("hot")
+    assert b.clear("disk") == 4  # every chunk file of the model, not only those b indexed
+    assert b.lookup(list(range(100, 108))) == 0 and b.locate(list(range(8))) == ["hot", "hot"]  # promoted above
+    assert not _files(tmp_path / "disk")
 
 
 CRASHER = """

@@ -227,8 +227,17 @@ class DiskTier(Tier):
         return entry is not None or existed
 
     def keys(self) -> list[str]:
+        """Every chunk in the directory: the index, plus files other engines wrote since (read from
+        their headers; for `clear`, which must not leave another engine's chunks of the model behind)."""
         with self._lock:
-            return list(self.book.entries)
+            found = list(self.book.entries)
+            indexed = {self.path_of(k).name for k in found}
+        for entry in os.scandir(self.dir):
+            if entry.name.endswith(SUFFIX) and entry.name not in indexed and entry.is_file(follow_symlinks=False):
+                parsed = self._read_head(entry.path, entry.stat().st_size)
+                if parsed is not None and self.path_of(parsed[0]).name == entry.name:
+                    found.append(parsed[0])
+        return found
 
     def pin(self, key: str, timeout: float | None = None, renew: bool = False) -> bool:
         # in-process book: the engine's own pin_timeout_s releases it, and it dies with the process
