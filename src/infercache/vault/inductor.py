@@ -237,11 +237,13 @@ def vllm_fields(path: str) -> dict[str, Any]:
     return vllm_record_fields(vllm_info_for(Path(path)))
 
 
-def summary(records: Iterable[Mapping[str, Any]], facts: HostFacts, targets: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ``cache.inductor.image/summary`` label value."""
+def pack_extras(records: Iterable[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a pack adds for the inductor component: manifest.json's ``host``, and the
+    ``cache.inductor.image/summary`` fields but ``targets`` (the labels add those from the Triton records)."""
+    facts = host_facts()
     versions = sorted({str(r["torch_version"]) for r in records if r.get("torch_version")} or
                       ({facts.torch_version} if facts.torch_version else set()))
-    return {**facts.to_json(), "torch_versions": versions, "targets": targets}
+    return {"host": facts.to_json()}, {**facts.to_json(), "torch_versions": versions}
 
 
 # --- unpack -------------------------------------------------------------------------------------

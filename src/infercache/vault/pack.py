@@ -199,10 +199,7 @@ def plan_pack(cache_dir: str | os.PathLike[str], mode: str = "auto") -> PackPlan
         found_files, found_records = vault_inductor.plan_files(root, top)
         files.extend(PackFile(arc, path, size, mtime) for arc, path, size, mtime in found_files)
         records.extend(found_records)
-        facts = vault_inductor.host_facts()
-        manifest_extra[component] = {"host": facts.to_json()}
-        summary_extra[component] = {k: v for k, v in vault_inductor.summary(records, facts, []).items()
-                                    if k != "targets"}
+        manifest_extra[component], summary_extra[component] = vault_inductor.pack_extras(records)
 
     if component == "vllm":
         # Everything else in a vLLM cache (compiled graphs, artifacts, cache_key_factors.json) ships as is,
@@ -237,10 +234,7 @@ def plan_pack(cache_dir: str | os.PathLike[str], mode: str = "auto") -> PackPlan
                     continue
                 files.append(PackFile(f"{top}/{p.relative_to(root).as_posix()}", p, st.st_size, st.st_mtime))
         if inductor_records:
-            facts = vault_inductor.host_facts()
-            manifest_extra["inductor"] = {"host": facts.to_json()}
-            summary_extra["inductor"] = {k: v for k, v in vault_inductor.summary(inductor_records, facts, []).items()
-                                         if k != "targets"}
+            manifest_extra["inductor"], summary_extra["inductor"] = vault_inductor.pack_extras(inductor_records)
 
     if not records and not files:
         raise BadInputError(f"{root}: no kernel cache entries found (mode {mode})")
