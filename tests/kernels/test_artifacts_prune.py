@@ -141,3 +141,22 @@ def test_cli_refuses_what_does_not_apply(torch_cache_master: TorchCache, tmp_pat
         assert r.exit_code == 2, (args, r.output)
     r = runner.invoke(app, ["kernels", "prune", "--artifacts", "--max-size", "1K", "--dry-run"])
     assert r.exit_code == 0 and "would prune" in r.stdout and "limit 1.0 KiB" in r.stdout
+
+
+def test_cache_dir_below_the_root_limits_every_action_to_it(torch_cache_master: TorchCache, tmp_path: Path,
+                                                            catalog: Catalog) -> None:
+    """`--cache-dir` naming a dir inside an indexed root: stale locks and temp files elsewhere in the
+    root are out of scope too, not only the artifacts."""
+    cache = torch_cache_master.copy(tmp_path / "inductor")
+    for lock in (cache / "locks").iterdir():
+        _age(lock, 3600)
+    entry_dir = next((cache / "fxgraph").glob("*/*"))
+    stale_tmp = entry_dir / ".4242.1.tmp"
+    stale_tmp.write_bytes(b"half-written")
+    _age(stale_tmp, 3600)
+    do_index(catalog, cache)
+    whole = plan_artifact_prune(catalog, KernelFilter())
+    assert any(a.path.parent == cache / "locks" for a in whole.actions)  # in scope of the whole root
+    scope = cache / "fxgraph"
+    plan = plan_artifact_prune(catalog, KernelFilter.build(cache_dirs=[scope]))
+    assert [a.path for a in plan.actions] == [stale_tmp]

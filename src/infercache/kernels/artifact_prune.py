@@ -111,14 +111,18 @@ def _whole_action(r: ArtifactRecord, root: Path, reason: str) -> PruneAction | N
     return PruneAction("dir" if stat.S_ISDIR(st.st_mode) else "path", Path(r.path), root, size, reason, r.key, r.kind)
 
 
-def _noise_actions(catalog: Catalog, roots: Sequence[Path], min_age: float, now: float) -> list[PruneAction]:
-    """Stale lock and temp files (classified by the scan, never artifacts)."""
+def _noise_actions(catalog: Catalog, roots: Sequence[Path], min_age: float, now: float,
+                   scope: Sequence[Path] = ()) -> list[PruneAction]:
+    """Stale lock and temp files (classified by the scan, never artifacts); only those under `scope`
+    (the --cache-dir given, which may lie inside an indexed root) when there is one."""
     actions = []
     for root in roots:
         rows = catalog.conn.execute(
             "SELECT path, kind FROM skipped WHERE cache_root = ? AND owner = 'artifacts' ORDER BY path", (str(root),)
         ).fetchall()
         for row in rows:
+            if scope and not any(in_root(row["path"], str(d)) for d in scope):
+                continue
             try:
                 st = os.lstat(row["path"])
             except OSError:
@@ -155,7 +159,7 @@ def plan_artifact_prune(
     if strategy == "free":
         actions = [a for a in (_free_action(r, root_set[r.cache_root]) for r in rows) if a is not None]
         if not kinds and flt.name is None and flt.name_like is None:
-            actions += _noise_actions(catalog, roots, min_age, now)
+            actions += _noise_actions(catalog, roots, min_age, now, flt.cache_dirs)
         notes.append("kept everything a warm start needs (FX graph/AOTAutograd entries, compiled modules); "
                      "--full removes whole artifacts")
     elif strategy == "full":
