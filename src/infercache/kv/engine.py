@@ -536,8 +536,8 @@ class Engine:
                     continue
                 del self._ttl[(key, name)]
                 tier = self._tiers[name]
-                if (key, name) in self._pins:  # pinned: stays until unpinned or its pin times out
-                    self._schedule(key, name, now + self.config.pin_timeout_s, 0.0)
+                if (key, name) in self._pins:  # pinned: stays until unpinned or its pin times out, TTL kept
+                    self._schedule(key, name, now + self.config.pin_timeout_s, ttl)
                     continue
                 below = self._order[self._order.index(tier) + 1 :]
                 if below:

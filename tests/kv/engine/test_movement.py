@@ -169,3 +169,17 @@ def test_an_expired_chunk_is_never_served_from_its_tier(make_engine) -> None:
     stats = engine.stats().tiers
     assert (stats["hot"].evictions, stats["disk"].stores, stats["disk"].hits) == (4, 4, 0)
     assert engine.lookup(request(0)) == 0 and not only_hot.retrieve(request(0))[0].any()
+
+
+def test_a_pinned_chunk_past_its_ttl_moves_down_with_its_ttl_once_unpinned(make_engine) -> None:
+    """Simulated clock (`expire(now)`): a pin holds a chunk in its tier past its TTL; once unpinned
+    it moves one tier down for the same TTL and is then dropped (not kept on disk for ever)."""
+    engine = make_engine(disk=True, base_ttl=100, min_ttl=1, pin_timeout_s=1000)
+    tokens = request(0)
+    engine.store(tokens, kv_for(16), metadata={"perplexity": 15, "time_variance": 0.05})  # hot, TTL ~103 s
+    assert engine.locate(tokens) == ["hot"] * 4 and engine.pin(tokens) == 16
+    now = time.time()
+    assert engine.expire(now + 200) == 0 and engine.locate(tokens) == ["hot"] * 4  # pinned: stays
+    assert engine.unpin(tokens) == 16
+    assert engine.expire(now + 1300) == 4 and engine.locate(tokens) == ["disk"] * 4
+    assert engine.expire(now + 1500) == 4 and engine.lookup(tokens) == 0  # its TTL on disk ran out too
