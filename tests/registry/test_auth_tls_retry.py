@@ -301,3 +301,24 @@ def test_is_loopback_matches_whole_host_names_only(host: str, loopback: bool) ->
     from infercache.vault.registry_http import is_loopback
 
     assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize(("realm", "verify", "refused"), [
+    ("http://auth.invalid/token", True, True),
+    ("http://auth.invalid/token", False, False),
+    ("http://127.0.0.1:1/token", True, False),
+])
+def test_credentials_never_sent_to_a_plain_http_token_service(realm: str, verify: bool, refused: bool) -> None:
+    """A registry may name any token service: with TLS verification on, a plain-HTTP one off loopback
+    never gets the password (refused before any request). Otherwise the request is made (and fails
+    here: nothing listens), which shows the credentials were not what stopped it."""
+    import requests
+
+    from infercache.vault.auth import Challenge, RegistryAuth
+
+    auth = RegistryAuth(requests.Session(), "registry.example.com", "a/b", f"{USER}:{PASSWORD}", None, verify=verify)
+    challenge = Challenge("bearer", realm, "svc", "repository:a/b:pull")
+    with pytest.raises(AuthenticationError) as info:
+        auth._fetch_token(challenge, ["repository:a/b:pull"])  # noqa: SLF001
+    assert ("is not HTTPS" in str(info.value)) is refused
+    assert PASSWORD not in str(info.value)

@@ -23,9 +23,11 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from infercache.errors import BadInputError, InfercacheError
 from infercache.vault.reference import DOCKER_HUB_ALIASES, RegistryOptions
+from infercache.vault.registry_http import is_loopback
 
 if TYPE_CHECKING:  # pragma: no cover
     import requests
@@ -288,6 +290,14 @@ class RegistryAuth:
         headers = {"Accept": "application/json"}
         creds = self.credentials
         if creds is not None:
+            realm = urlsplit(challenge.realm)
+            if realm.scheme != "https" and self._verify and not is_loopback(realm.netloc):
+                # The registry may be reached over TLS, yet name a plain-HTTP token service: the
+                # password would cross the network in clear. Same rule as the registry itself.
+                raise AuthenticationError(
+                    f"{self._registry}: its token service {realm.scheme}://{realm.netloc} is not HTTPS; refusing "
+                    "to send credentials there (--no-tls-verify allows it)"
+                )
             headers["Authorization"] = f"Basic {creds.basic_token()}"
         log.debug("requesting a bearer token from %s for %s", challenge.realm, " ".join(scopes))
         import requests
