@@ -252,3 +252,24 @@ def test_vllm_cache_ir_prune_keeps_hits(sample_cache_master: Path, tmp_path: Pat
     plan = plan_prune(catalog, KernelFilter.build(cache_dirs=[root], arch="90"), "full")
     plan.execute(catalog)
     assert len(query(catalog, KernelFilter.build(cache_dirs=[root]))) == 2 * SAMPLE_ENTRIES - 12
+
+
+def test_garbage_with_a_cache_dir_inside_the_root_stays_in_it(sample_cache_master: Path, tmp_path: Path,
+                                                             catalog: Catalog) -> None:
+    """`--garbage --cache-dir <one rank>` of an indexed vLLM root leaves the other ranks' leftovers alone."""
+    from tests.kernels.layouts import make_vllm_legacy
+
+    root = tmp_path / "vllm"
+    layout = make_vllm_legacy(root, sample_cache_master, ranks=("rank_0_0", "rank_1_0"))
+    stale = []
+    for cache in layout.triton_dirs:
+        leftover = cache / "tmp.pid_11_old"
+        leftover.mkdir()
+        (leftover / "x.cubin").write_bytes(b"0" * 10)
+        _age(leftover, 3600)
+        stale.append(leftover)
+    do_index(catalog, root, mode="vllm")
+    assert {a.path for a in plan_prune(catalog, strategy="garbage").actions} == set(stale)
+    rank0 = layout.triton_dirs[0].parent
+    plan = plan_prune(catalog, KernelFilter.build(cache_dirs=[rank0]), "garbage")
+    assert [a.path for a in plan.actions] == [stale[0]]

@@ -306,6 +306,9 @@ def _plan_garbage(
         ).fetchall()
         for row in rows:
             path = Path(row["path"])
+            # A --cache-dir inside an indexed root (one vLLM rank) limits the leftovers to it.
+            if flt.cache_dirs and not any(in_root(row["path"], str(d)) for d in flt.cache_dirs):
+                continue
             try:
                 st = os.lstat(path)
             except OSError:
