@@ -286,14 +286,8 @@ class Catalog:
 
     # --- runtime usage (hit tracking) -------------------------------------------------------
     def record_usage(self, key: str, hits: int = 0, misses: int = 0, last_access: float | None = None) -> None:
-        """Add hits/misses for an entry key (what a runtime tracker calls, batched)."""
-        with self.transaction() as conn:
-            conn.execute(
-                "INSERT INTO usage(key, hits, misses, last_access) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(key) DO UPDATE SET hits = hits + excluded.hits, misses = misses + excluded.misses, "
-                "last_access = max(coalesce(last_access, 0), coalesce(excluded.last_access, 0))",
-                (key, hits, misses, last_access),
-            )
+        """Add hits/misses for one entry key (the runtime tracker uses :meth:`record_usage_batch`)."""
+        self.record_usage_batch([(key, hits, misses, last_access, None)])
 
     def record_usage_batch(self, rows: Iterable[tuple[str, int, int, float | None, float | None]]) -> None:
         """Add many (key, hits, misses, last_access, compile_time_s) in one transaction.
