@@ -53,7 +53,14 @@ def test_names_are_classified() -> None:
     assert A.regenerable("c.py") and A.regenerable("c.main.cpp") and not A.regenerable("c.main.so")
 
 
-def test_content_checks_never_unpickle(torch_cache_master: TorchCache) -> None:
+def test_content_checks_never_unpickle(torch_cache_master: TorchCache, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("an artifact was unpickled")
+
+    for name in ("loads", "load", "Unpickler"):  # cache files are untrusted: parsing only
+        monkeypatch.setattr(pickle, name, refuse)
     fx = next((torch_cache_master.root / "fxgraph").glob("*/*/*"))
     data = fx.read_bytes()
     assert A.torch_version_in(data) == TORCH
