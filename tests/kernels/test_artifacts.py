@@ -225,3 +225,12 @@ def test_cli_list_and_stats_artifacts(torch_cache_master: TorchCache, tmp_path: 
     stats = json.loads(runner.invoke(app, ["kernels", "stats", "--format", "json"]).stdout)
     assert stats["artifacts_by_kind"]["fxgraph"]["entries"] == 3
     assert stats["artifacts_by_kind"]["module"]["total_size"] > 0
+
+
+def test_cli_bad_artifact_sort_is_refused_before_indexing(tmp_path: Path, data_dir: Path) -> None:
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    r = runner.invoke(app, ["kernels", "list", "--artifacts", "--cache-dir", str(cache), "--sort", "warps"])
+    assert r.exit_code == 2 and "warps" in r.output
+    with Catalog.open(data_dir) as cat:
+        assert cat.roots() == []  # nothing was indexed on the way to the error

@@ -32,6 +32,7 @@ from infercache.kernels.catalog import Catalog
 from infercache.kernels.indexer import index
 from infercache.kernels.prune import plan_prune
 from infercache.kernels.query import (
+    ARTIFACT_SORT_FIELDS,
     KernelFilter,
     normalise_kinds,
     parse_sort,
@@ -194,6 +195,7 @@ def list_command(
     kinds = check_kinds(kind, artifacts)
     if artifacts:
         flt.check_for_artifacts()
+        parse_sort(sort, ARTIFACT_SORT_FIELDS, " for artifacts")  # bad sort field → exit 2 before any work
         _list_artifacts(ctx, flt, limit, fmt, kinds, sort)
         return
     parse_sort(sort)  # bad sort field → exit 2 before any work
