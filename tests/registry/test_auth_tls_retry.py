@@ -298,7 +298,7 @@ def test_cut_manifest_is_refetched(registry: Registry, tmp_path: Path) -> None:
 def test_is_loopback_matches_whole_host_names_only(host: str, loopback: bool) -> None:
     """Plain HTTP without --no-tls-verify is allowed only on loopback: a prefix match would let
     `localhost.attacker.net` be downgraded silently."""
-    from infercache.vault.registry_http import is_loopback
+    from infercache.net import is_loopback
 
     assert is_loopback(host) is loopback
 

@@ -6,7 +6,6 @@ The work is in `infercache.kv.server` (app, socket, uvicorn) and `infercache.kv.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +18,7 @@ from infercache.kv.config import EngineConfig
 from infercache.kv.engine import Engine
 from infercache.kv.server import bind, serve
 from infercache.kv.tokenizer import load_tokenizer
+from infercache.net import is_loopback
 
 
 @handle_errors
@@ -50,14 +50,18 @@ def serve_command(
     if cfg.data_dir is None and data_dir is not None:
         cfg = dataclasses.replace(cfg, data_dir=str(data_dir))
     tok = load_tokenizer(tokenizer)
-    if not token and not _is_loopback(host):
+    if not token and not is_loopback(host):
         err_console.print(f"[yellow]warning:[/] serving on {host} without --token: anyone who can reach it can "
                           "move and clear your KV cache", highlight=False)
     try:
         sock = bind(host, port)
     except OSError as exc:
         raise InfercacheError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    engine = Engine(cfg)
+    try:
+        engine = Engine(cfg)
+    except BaseException:
+        sock.close()
+        raise
     controller = LocalController(engine, tokenizer=tok, max_tokens=max_tokens, own_engine=True)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
@@ -78,12 +82,4 @@ def serve_command(
         highlight=False, soft_wrap=True,
     )
 
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 

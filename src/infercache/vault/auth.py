@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from infercache.errors import BadInputError, InfercacheError
+from infercache.net import is_loopback
 from infercache.vault.reference import DOCKER_HUB_ALIASES, RegistryOptions
-from infercache.vault.registry_http import is_loopback
 
 if TYPE_CHECKING:  # pragma: no cover
     import requests

@@ -29,6 +29,7 @@ from urllib.parse import urlencode, urljoin
 
 from infercache import __version__
 from infercache.errors import BadInputError, InfercacheError
+from infercache.net import is_loopback
 from infercache.vault.auth import NO_NETRC, AuthenticationError, RegistryAuth
 from infercache.vault.image import (
     DOCKER_LIST,
@@ -38,7 +39,13 @@ from infercache.vault.image import (
     OCI_MANIFEST,
     sha256_digest,
 )
-from infercache.vault.reference import DOCKER_HUB_ALIASES, DOCKER_HUB_API, Descriptor, ImageReference, RegistryOptions
+from infercache.vault.reference import (
+    DOCKER_HUB_ALIASES,
+    DOCKER_HUB_API,
+    Descriptor,
+    ImageReference,
+    RegistryOptions,
+)
 from infercache.vault.registry_http import (
     RETRY_STATUSES,
     FileSlice,
@@ -49,7 +56,6 @@ from infercache.vault.registry_http import (
     env_retry_policy,
     error_text,
     install_redaction,
-    is_loopback,
     path_of,
     read_limited,
     verified_download,

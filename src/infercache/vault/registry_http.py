@@ -7,7 +7,6 @@ Nothing here knows the Distribution API's URLs or auth flow (that is `registry_c
 from __future__ import annotations
 
 import io
-import ipaddress
 import logging
 import os
 import random
@@ -78,21 +77,6 @@ class Retryable(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
-
-
-def is_loopback(host: str) -> bool:
-    """True for `localhost`, 127.0.0.0/8 and ::1 (with or without a port); a name that merely
-    starts like one (`localhost.example.com`, `127.example.com`) is not: it may not get plain HTTP."""
-    if host.startswith("["):
-        name = host[1:].partition("]")[0]
-    else:
-        name = host.rpartition(":")[0] if host.count(":") == 1 else host
-    if name.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def error_text(response: "requests.Response") -> str:
