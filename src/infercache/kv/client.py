@@ -369,9 +369,10 @@ class ControllerClient:
             raise UnavailableError(f"cannot reach the controller at {self.base_url}: {exc}") from None
         if resp.status_code >= 400:
             try:
-                detail = resp.json().get("detail", resp.text)
+                payload = resp.json()
             except ValueError:
-                detail = resp.text
+                payload = resp.text
+            detail = payload.get("detail", resp.text) if isinstance(payload, dict) else payload
             if isinstance(detail, list):
                 detail = "; ".join(str(d.get("msg", d)) if isinstance(d, dict) else str(d) for d in detail)
             cls = _BY_STATUS.get(resp.status_code, ControllerError)

@@ -132,6 +132,8 @@ class EngineConfig:
             data = yaml.safe_load(p.read_text())
         except FileNotFoundError:
             raise BadInputError(f"engine config {p} does not exist") from None
+        except (IsADirectoryError, UnicodeDecodeError) as exc:
+            raise BadInputError(f"engine config {p} is not a readable YAML file: {exc}") from None
         except yaml.YAMLError as exc:
             raise BadInputError(f"engine config {p} is not valid YAML: {exc}") from None
         if data is None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.helpers import require_module
-
+from infercache.errors import BadInputError
 from infercache.kv import Engine, EngineConfig
+from tests.helpers import require_module
 from tests.kv.engine.conftest import kv_for
 
 
@@ -142,6 +142,8 @@ def test_config_from_kwargs_yaml_and_env(tmp_path) -> None:
     path.write_text("chunk_sizee: 64\n")
     with pytest.raises(ValueError, match="chunk_sizee"):
         EngineConfig.from_file(path)
+    with pytest.raises(BadInputError, match="not a readable YAML file"):
+        EngineConfig.from_file(tmp_path)  # a directory
     env = {"INFERCACHE_KV_CHUNK_SIZE": "32", "INFERCACHE_KV_WRITE_POLICY": "write_back",
            "INFERCACHE_KV_REMOTE_URL": "redis-cluster://127.0.0.1:7000,127.0.0.1:7001", "INFERCACHE_KV_TAGS": "lora1"}
     from_env = EngineConfig.from_env(env)
