@@ -126,3 +126,27 @@ def test_unusable_catalog_is_a_clear_error(data_dir: Path, tmp_path: Path) -> No
     (tmp_path / "plain-file").write_text("x")
     with pytest.raises(InfercacheError, match="cannot open"):
         Catalog.open(tmp_path / "plain-file" / "sub")
+
+
+def test_migration_of_old_vllm_artifact_rows(data_dir: Path) -> None:
+    """Artifact rows written before schema 4 (kinds 'artifact'/'aot_model', no key or mode) come out
+    with the spec's kinds, their basename as key and their root's mode, before any re-index."""
+    from infercache.kernels.query import KernelFilter, query_artifacts
+
+    path = data_dir / "catalog.db"
+    root = "/caches/vllm"
+    old_rows = [(f"{root}/torch_compile_cache/ab/rank_0_0/backbone/artifact_compile_range_1_8", "artifact", 64),
+                (f"{root}/torch_aot_compile/de/rank_0_0/model", "aot_model", 5)]
+    with Catalog(path, upto=2) as old:
+        with old.transaction() as conn:
+            conn.execute("INSERT INTO roots(path, mode, indexed_at) VALUES (?, 'vllm', 1.0)", (root,))
+            conn.executemany("INSERT INTO artifacts(path, cache_root, kind, size, modified, indexed_at) "
+                             "VALUES (?, ?, ?, ?, 1.0, 1.0)", [(p, root, k, n) for p, k, n in old_rows])
+    with Catalog(path) as new:
+        assert new.schema_version == SCHEMA_VERSION
+        rows = {r.kind: r for r in query_artifacts(new, KernelFilter.build(mode="vllm"))}
+        assert set(rows) == {"vllm-artifact", "aot-model"}
+        assert rows["vllm-artifact"].key == "artifact_compile_range_1_8" and rows["aot-model"].key == "model"
+        assert all(r.mode == "vllm" for r in rows.values())
+        named = query_artifacts(new, KernelFilter.build(name="artifact_compile_range_1_8"))
+        assert [r.size for r in named] == [64]

@@ -144,6 +144,14 @@ UPDATE artifacts SET kind = 'aot-model' WHERE kind = 'aot_model';
 CREATE INDEX artifacts_kind ON artifacts(kind, cache_root)
 """
 
+#: Rows from before V4 (vLLM-only, indexed by size and time) get the key and mode new rows have, so
+#: `list --artifacts --name/--mode` find them before the next index rewrites them (key: the basename).
+_V5_OLD_ARTIFACT_ROWS = """
+UPDATE artifacts SET mode = coalesce((SELECT r.mode FROM roots r WHERE r.path = artifacts.cache_root), 'vllm')
+    WHERE mode IS NULL;
+UPDATE artifacts SET key = substr(path, length(rtrim(path, replace(path, '/', ''))) + 1) WHERE key IS NULL
+"""
+
 
 def _script(sql: str) -> Callable[[sqlite3.Connection], None]:
     def apply(conn: sqlite3.Connection) -> None:
@@ -157,6 +165,7 @@ def _script(sql: str) -> Callable[[sqlite3.Connection], None]:
 #: MIGRATIONS[i] takes the schema from version i to i+1. Append, never edit.
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _script(_V1), _script(_V2), _script(_V3_USAGE_COMPILE_TIME), _script(_V4_ARTIFACTS),
+    _script(_V5_OLD_ARTIFACT_ROWS),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
