@@ -28,7 +28,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from infercache.kernels.discovery import TritonCacheDir, detect_mode, discover  # noqa: E402
+from infercache.kernels.discovery import detect_mode, discover  # noqa: E402
 
 
 def _median(func: Callable[[], Any], reps: int) -> float:
@@ -103,13 +103,11 @@ def main() -> None:
         seed = compile_sample(work / "seed", "add_kernel", "cuda:90").entry_dir
         root = work / "vllm"
         entries = build(root, seed, total)
-        found = list(discover(root))
-        dirs = [f for f in found if isinstance(f, TritonCacheDir)]
+        dirs = list(discover(root))
         listed = sum(len(os.listdir(d.path)) for d in dirs)
         assert listed == entries, (listed, entries)
         files = sum(len(fs) for _, _, fs in os.walk(root))
-        print(f"vLLM tree: {entries} Triton entries, {files} files; {len(dirs)} cache dirs and "
-              f"{len(found) - len(dirs)} opaque artifacts found")
+        print(f"vLLM tree: {entries} Triton entries, {files} files; {len(dirs)} cache dirs found")
 
         base = _median(lambda: sum(1 for _ in os.walk(root)), 3)
         ours = _median(lambda: list(discover(root)), 3)

@@ -1,4 +1,8 @@
-"""Discovery of Triton cache dirs in Triton, vLLM (legacy, new, AOT) and Inductor layouts."""
+"""Discovery of Triton cache dirs in Triton, vLLM (legacy, new, AOT) and Inductor layouts.
+
+vLLM's opaque artifacts are not discovery's job: ``inductor.scan_root`` (through
+``artifacts.classify_vllm_file``) finds them, and these tests check it finds them in the same trees.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from infercache.errors import BadInputError
-from infercache.kernels import discovery
+from infercache.kernels import discovery, inductor
+from infercache.kernels.artifacts import ArtifactRow
 from infercache.kernels.discovery import (
     AOT_SHARED_RANK,
     TritonCacheDir,
-    VllmArtifact,
     VllmInfo,
     default_cache_dirs,
     detect_mode,
@@ -34,8 +38,10 @@ def _dirs(found: list) -> list[TritonCacheDir]:
     return [f for f in found if isinstance(f, TritonCacheDir)]
 
 
-def _artifacts(found: list) -> list[VllmArtifact]:
-    return [f for f in found if isinstance(f, VllmArtifact)]
+def _artifacts(root: Path) -> list[ArtifactRow]:
+    """The opaque vLLM files (binary compile artifacts, AOT ``model``) the artifact scan finds under `root`."""
+    rows = inductor.scan_root(root.resolve(), "vllm").rows
+    return [r for r in rows if r.kind in ("vllm-artifact", "aot-model") and Path(r.path).is_file()]
 
 
 def _entries(path: Path) -> int:
@@ -69,7 +75,8 @@ def test_vllm_legacy_layout_with_ranks_and_prefix(sample_cache_master: Path, tmp
     assert infos[a.triton_dirs[0].resolve()] == VllmInfo("aaaaaaaaaa", "rank_0_0", None)
     assert infos[a.triton_dirs[1].resolve()] == VllmInfo("aaaaaaaaaa", "rank1_0", None)
     assert infos[b.triton_dirs[0].resolve()] == VllmInfo("bbbbbbbbbb", "rank_0_0", "backbone")
-    assert _artifacts(found) == []  # legacy vLLM has no opaque artifacts; inductor_cache noise ignored
+    assert _artifacts(root) == []  # legacy vLLM has no opaque artifacts; inductor_cache noise ignored
+    assert all(isinstance(f, TritonCacheDir) for f in found)
     assert sum(_entries(d.path) for d in dirs) == a.entry_count + b.entry_count == 3 * 24
 
 
@@ -95,14 +102,15 @@ def test_vllm_new_layout_unpacked_and_binary_artifacts(sample_cache_master: Path
     assert [d.path for d in dirs] == [p.resolve() for p in layout.triton_dirs]
     assert all(d.path.parts[-2:] == ("triton", "0") for d in dirs)
     assert {d.vllm for d in dirs} == {VllmInfo("cccccccccc", "rank_1_0", "backbone")}
-    arts = _artifacts(found)
-    assert sorted(a.path for a in arts) == sorted(p.resolve() for p in layout.artifacts)
+    assert dirs == found  # the binary artifacts are not Triton cache dirs
+    arts = _artifacts(root)
+    assert sorted(Path(a.path) for a in arts) == sorted(p.resolve() for p in layout.artifacts)
     for art in arts:
-        assert art.kind == discovery.ARTIFACT_BINARY
-        assert art.size == art.path.stat().st_size == 4096
-        assert art.modified == pytest.approx(art.path.stat().st_mtime)
+        assert art.kind == "vllm-artifact"
+        assert art.size == Path(art.path).stat().st_size == 4096
+        assert art.modified == pytest.approx(Path(art.path).stat().st_mtime)
         assert art.vllm == VllmInfo("cccccccccc", "rank_1_0", "backbone")
-        assert art.cache_root == root.resolve()
+        assert Path(art.cache_root) == root.resolve()
 
 
 def test_vllm_aot_layout(sample_cache_master: Path, tmp_path: Path) -> None:
@@ -113,9 +121,10 @@ def test_vllm_aot_layout(sample_cache_master: Path, tmp_path: Path) -> None:
     dirs = _dirs(found)
     assert [d.path for d in dirs] == [layout.triton_dirs[0].resolve()]
     assert dirs[0].vllm == VllmInfo(DEFAULT_AOT_SHA, AOT_SHARED_RANK, None)
-    arts = _artifacts(found)
-    assert sorted(a.path for a in arts) == sorted(p.resolve() for p in layout.artifacts)
-    assert {a.kind for a in arts} == {discovery.ARTIFACT_AOT_MODEL}
+    assert dirs == found
+    arts = _artifacts(root)
+    assert sorted(Path(a.path) for a in arts) == sorted(p.resolve() for p in layout.artifacts)
+    assert {a.kind for a in arts} == {"aot-model"}
     assert {a.vllm.rank for a in arts} == {"rank_0_0", "rank_1_0"}
     assert {a.vllm.hash for a in arts} == {DEFAULT_AOT_SHA}
 
@@ -131,7 +140,7 @@ def test_all_vllm_layouts_in_one_root(sample_cache_master: Path, tmp_path: Path)
     expected_dirs = sorted(p.resolve() for lay in layouts for p in lay.triton_dirs)
     assert sorted(d.path for d in _dirs(found)) == expected_dirs
     assert len(_dirs(found)) == len(expected_dirs)  # each once
-    assert sorted(a.path for a in _artifacts(found)) == sorted(p.resolve() for lay in layouts for p in lay.artifacts)
+    assert sorted(Path(a.path) for a in _artifacts(root)) == sorted(p.resolve() for lay in layouts for p in lay.artifacts)
 
 
 def test_inductor_layout_with_devices(sample_cache_master: Path, tmp_path: Path) -> None:
@@ -171,7 +180,7 @@ def test_symlinks_are_never_followed(sample_cache_master: Path, tmp_path: Path) 
     (rank / "artifact_compile_range_1_2_subgraph_9").symlink_to(outside / "torch_compile_cache")
     found = list(discover(root))
     assert [d.path for d in _dirs(found)] == [layout.triton_dirs[0].resolve()]
-    assert _artifacts(found) == []
+    assert _artifacts(root) == []
     assert all(str(f.path).startswith(str(root.resolve())) for f in found)
 
 
@@ -295,4 +304,4 @@ def test_detect_mode_outside_torch_compile_cache(sample_cache_master: Path, tmp_
     assert detect_mode(root) == "vllm"
     found = list(discover(root))
     assert [d.vllm for d in _dirs(found)] == [VllmInfo("1234567890", "rank_0_0", "backbone")]
-    assert [a.vllm for a in _artifacts(found)] == [VllmInfo("1234567890", "rank_0_0", "backbone")]
+    assert [a.vllm for a in _artifacts(root)] == [VllmInfo("1234567890", "rank_0_0", "backbone")]

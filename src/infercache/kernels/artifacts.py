@@ -29,12 +29,11 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from infercache.kernels.discovery import NO_VLLM, VllmInfo
+from infercache.kernels.discovery import ARTIFACT_PREFIX, NO_VLLM, VllmInfo
 from infercache.kernels.query import iso
 
 VLLM_GRAPH_FILES = frozenset({"computation_graph.py", "vllm_compile_cache.py", "transformed_code.py",
                               "cache_key_factors.json"})
-ARTIFACT_PREFIX = "artifact_compile_range_"
 #: Suffixes Inductor re-creates from the FX graph entry (sources written before each load).
 SOURCE_SUFFIXES = (".py", ".cpp", ".h", ".hpp", ".cu")
 #: Suffixes of compiled code: losing them costs a C++ build (or a Triton compile).

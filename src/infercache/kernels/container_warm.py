@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 from infercache.errors import BadInputError, InfercacheError
 from infercache.fsutil import atomic_file, atomic_write_json
-from infercache.kernels.discovery import TritonCacheDir, discover
+from infercache.kernels.discovery import discover
 from infercache.kernels.query import iso
 from infercache.kernels.triton_entry import TritonEntry, parse_entry
 
@@ -191,8 +191,6 @@ def _triton_entries(root: Path) -> list[Mapping[str, Any]]:
     """The Triton kernels the container left (key, name, target, place), for the metadata."""
     found = []
     for item in discover(root, "vllm"):
-        if not isinstance(item, TritonCacheDir):
-            continue
         for child in sorted(item.path.iterdir()):
             entry = parse_entry(child)
             if isinstance(entry, TritonEntry):

@@ -1,15 +1,16 @@
 """Find the directories that hold Triton entries in Triton, vLLM and Inductor cache layouts.
 
 Discovery is separate from parsing: this module only says *where* Triton cache
-directories (and vLLM's opaque binary artifacts) are; `kernels/triton_entry.py`
-reads the entries inside them. Layouts (see docs in the reference
+directories are; `kernels/triton_entry.py` reads the entries inside them, and
+`kernels/inductor.scan_root` (with `artifacts.classify_vllm_file`) finds vLLM's
+opaque artifacts. Layouts (see docs in the reference
 `vllm-inductor-cache.md`):
 
 * triton   — the root itself holds ``<52-char key>/`` entries.
 * inductor — ``<root>/triton/<device index>/<key>/``.
 * vllm     — legacy ``torch_compile_cache/<hash>/rank_*/[prefix/]triton_cache/``;
   newer ``rank_*/<prefix>/artifact_compile_range_*`` (a directory is an unpacked
-  Inductor cache with ``triton/<device>/``, a file is an opaque artifact) next to
+  Inductor cache with ``triton/<device>/``; a file is an opaque artifact, not ours) next to
   ``cache_key_factors.json``; AOT ``torch_aot_compile/<sha>/inductor_cache/triton/<device>/``
   with ``rank_*/model`` files.
 
@@ -35,12 +36,10 @@ logger = logging.getLogger(__name__)
 MODES: tuple[str, ...] = ("triton", "vllm", "inductor")
 #: rank of Triton dirs in the AOT layout, whose ``inductor_cache`` all ranks share.
 AOT_SHARED_RANK = "shared"
-#: ``kind`` of a :class:`VllmArtifact`.
-ARTIFACT_BINARY = "artifact"
-ARTIFACT_AOT_MODEL = "aot_model"
 
 _RANK_RE = re.compile(r"^rank_?\d+(?:_\d+)*$")
-_ARTIFACT_PREFIX = "artifact_compile_range_"
+#: vLLM's compile artifacts (a file when saved "binary", a dir "unpacked"); one home for the name.
+ARTIFACT_PREFIX = "artifact_compile_range_"
 _TRITON_KEY_RE = re.compile(r"^[A-Z2-7]{52}$")
 # Names whose presence on disk says "this is a vLLM cache".
 _VLLM_MARKERS = ("torch_compile_cache", "torch_aot_compile", "triton_cache", "cache_key_factors.json",
@@ -88,18 +87,6 @@ class TritonCacheDir:
     vllm: VllmInfo | None = None
 
 
-@dataclass(frozen=True)
-class VllmArtifact:
-    """An opaque vLLM file (binary compile artifact or AOT ``model``): indexed by size and time only."""
-
-    path: Path
-    cache_root: Path
-    vllm: VllmInfo
-    kind: str  # ARTIFACT_BINARY | ARTIFACT_AOT_MODEL
-    size: int
-    modified: float
-
-
 def _scandir(path: Path, sort: bool = True) -> list[os.DirEntry[str]]:
     """Children of `path` (sorted by name: stable output), or [] with a warning when unlistable."""
     try:
@@ -117,13 +104,6 @@ def _scandir(path: Path, sort: bool = True) -> list[os.DirEntry[str]]:
 def _is_dir(entry: os.DirEntry[str]) -> bool:
     try:
         return entry.is_dir(follow_symlinks=False)
-    except OSError:
-        return False
-
-
-def _is_file(entry: os.DirEntry[str]) -> bool:
-    try:
-        return entry.is_file(follow_symlinks=False)
     except OSError:
         return False
 
@@ -166,7 +146,7 @@ def detect_mode(root: Path) -> str:
     children = _scandir(root, sort=False)
     names = {e.name for e in children}
     if any(m in names for m in _VLLM_MARKERS) or any(
-        n.startswith(_ARTIFACT_PREFIX) for n in names
+        n.startswith(ARTIFACT_PREFIX) for n in names
     ):
         return "vllm"
     if "triton" in names and (names & {"fxgraph", "aotautograd"} or _is_inductor_triton_dir(root / "triton")):
@@ -186,7 +166,7 @@ def detect_mode(root: Path) -> str:
         budget -= 1
         sub = _scandir(path)
         sub_names = {e.name for e in sub}
-        if any(m in sub_names for m in _VLLM_MARKERS) or any(n.startswith(_ARTIFACT_PREFIX) for n in sub_names):
+        if any(m in sub_names for m in _VLLM_MARKERS) or any(n.startswith(ARTIFACT_PREFIX) for n in sub_names):
             return "vllm"
         if depth < 3:
             queue.extend((Path(e.path), depth + 1) for e in sub if _is_dir(e) and not _looks_like_entry(e))
@@ -214,8 +194,8 @@ def default_cache_dirs(mode: str = "auto") -> list[Path]:
     return [d for d in (f() for f in by_mode.values()) if d.is_dir()]
 
 
-def discover(root: Path, mode: str = "auto") -> Iterator[TritonCacheDir | VllmArtifact]:
-    """Yield every Triton cache directory (and vLLM opaque artifact) under `root`, sorted, once each."""
+def discover(root: Path, mode: str = "auto") -> Iterator[TritonCacheDir]:
+    """Yield every Triton cache directory under `root`, sorted, once each."""
     check_mode(mode)
     root = check_root(root)
     if mode == "auto":
@@ -277,15 +257,15 @@ def vllm_info_for(path: Path) -> VllmInfo:
     stop_names = {"triton_cache", "inductor_cache", "triton", "model"}
     prefix_parts: list[str] = []
     for part in parts[rank_idx + 1:]:
-        if part in stop_names or part.startswith(_ARTIFACT_PREFIX):
+        if part in stop_names or part.startswith(ARTIFACT_PREFIX):
             break
         prefix_parts.append(part)
     return VllmInfo(vhash, parts[rank_idx], "/".join(prefix_parts) or None)
 
 
-def _discover_vllm(root: Path) -> Iterator[TritonCacheDir | VllmArtifact]:
+def _discover_vllm(root: Path) -> Iterator[TritonCacheDir]:
     """Depth-first walk that recognises each vLLM layout by its directory names."""
-    root_inductor = root.name == "inductor_cache" or root.name.startswith(_ARTIFACT_PREFIX)
+    root_inductor = root.name == "inductor_cache" or root.name.startswith(ARTIFACT_PREFIX)
     stack: list[tuple[Path, int, bool]] = [(root, 0, root_inductor)]
     seen: set[Path] = set()
     while stack:
@@ -311,28 +291,10 @@ def _discover_vllm(root: Path) -> Iterator[TritonCacheDir | VllmArtifact]:
             except OSError as exc:
                 logger.warning("skipping %s: %s", triton, exc)
             continue
-        children = _scandir(path)
         subdirs: list[tuple[Path, int, bool]] = []
-        in_rank = any(_RANK_RE.match(p) for p in path.parts)
-        for entry in children:
-            if _is_dir(entry):
-                if entry.name in _INDUCTOR_NOISE or _looks_like_entry(entry):
-                    continue
-                child_inductor = entry.name == "inductor_cache" or entry.name.startswith(_ARTIFACT_PREFIX)
-                subdirs.append((Path(entry.path), depth + 1, child_inductor))
-            elif _is_file(entry):
-                kind = None
-                if entry.name.startswith(_ARTIFACT_PREFIX):
-                    kind = ARTIFACT_BINARY
-                elif entry.name == "model" and in_rank and "torch_aot_compile" in path.parts:
-                    kind = ARTIFACT_AOT_MODEL
-                if kind is None:
-                    continue
-                child = Path(entry.path)
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError as exc:
-                    logger.warning("skipping unreadable artifact %s: %s", child, exc)
-                    continue
-                yield VllmArtifact(child, root, vllm_info_for(child), kind, st.st_size, st.st_mtime)
+        for entry in _scandir(path):
+            if not _is_dir(entry) or entry.name in _INDUCTOR_NOISE or _looks_like_entry(entry):
+                continue
+            child_inductor = entry.name == "inductor_cache" or entry.name.startswith(ARTIFACT_PREFIX)
+            subdirs.append((Path(entry.path), depth + 1, child_inductor))
         stack.extend(reversed(subdirs))

@@ -155,9 +155,8 @@ def _index(
         root_mode = discovery.detect_mode(root) if mode == "auto" else mode
         root_modes[root] = root_mode
         modes.append(root_mode)
-        for item in discovery.discover(root, root_mode):
-            if isinstance(item, discovery.TritonCacheDir):  # artifacts: inductor.scan_root below
-                jobs.append((item, _list_children(item.path)))
+        for item in discovery.discover(root, root_mode):  # artifacts: inductor.scan_root below
+            jobs.append((item, _list_children(item.path)))
     total = sum(len(children) for _, children in jobs)
     done = 0
     if progress:

@@ -31,7 +31,6 @@ from typing import Any, BinaryIO, Iterator
 
 from infercache.errors import BadInputError, InfercacheError
 from infercache.kernels.discovery import (
-    TritonCacheDir,
     check_mode,
     detect_mode,
     discover,
@@ -164,8 +163,6 @@ def plan_pack(cache_dir: str | os.PathLike[str], mode: str = "auto") -> PackPlan
     triton_dirs: set[Path] = set()
 
     for found in discover(root, mode):
-        if not isinstance(found, TritonCacheDir):
-            continue
         triton_dirs.add(found.path)
         with os.scandir(found.path) as it:
             children = sorted(it, key=lambda e: e.name)
