@@ -156,6 +156,7 @@ def test_manifest_must_match_the_layer() -> None:
     cases = [
         ([rec], {**ok, "io.inductor.cache/ab/extra.so": info(b"x")}, "not listed"),
         ([rec], {"io.inductor.cache/ab/cab.so": info(b"elf!")}, "bytes"),
+        ([rec], {"io.inductor.cache/ab/cab.so": info(b"ELF")}, "sha256 of ab/cab.so"),
         ([rec], {}, "does not hold"),
         ([{**rec, "path": "../etc"}], ok, "unsafe"),
         ([{**rec, "files": [{"name": "../x", "size": 1}]}], ok, "malformed"),

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from infercache.kernels.discovery import NO_VLLM, VllmInfo, vllm_info_for
 from infercache.kernels.inductor import scan_root
+from infercache.vault.staged_check import check_file, safe_rel
 
 logger = logging.getLogger(__name__)
 
@@ -251,20 +252,12 @@ class ManifestMismatch(Exception):
     """The layer and manifest.json disagree (the caller turns it into UnsafeImageError)."""
 
 
-def _safe_rel(text: Any) -> str:
-    value = str(text or "")
-    parts = [p for p in value.split("/") if p not in ("", ".")]
-    if not parts or value.startswith("/") or ".." in parts or "\x00" in value:
-        raise ManifestMismatch(f"manifest.json names an unsafe path {value!r}")
-    return "/".join(parts)
-
-
 def verify(top_name: str, records: Sequence[Mapping[str, Any]], extracted: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Records with checked paths; every staged file under `top_name` must be listed, size and sha256 equal."""
     listed: set[str] = set()
     out = []
     for record in records:
-        rel = _safe_rel(record.get("path"))
+        rel = safe_rel(record.get("path"), "path", ManifestMismatch)
         files = record.get("files")
         if not isinstance(files, list) or not files:
             raise ManifestMismatch(f"manifest.json entry {rel} lists no files")
@@ -276,11 +269,7 @@ def verify(top_name: str, records: Sequence[Mapping[str, Any]], extracted: Mappi
             info = extracted.get(arc)
             if info is None:
                 raise ManifestMismatch(f"manifest.json lists {rel}/{f['name']}, which the layer does not hold")
-            if f.get("size") is not None and int(f["size"]) != info.size:
-                raise ManifestMismatch(f"manifest.json says {rel}/{f['name']} has {f['size']} bytes, "
-                                       f"the layer holds {info.size}")
-            if f.get("sha256") and f["sha256"] != info.sha256:
-                raise ManifestMismatch(f"manifest.json sha256 of {rel}/{f['name']} does not match the layer")
+            check_file(f"{rel}/{f['name']}", f, info, ManifestMismatch)
             if arc in listed:
                 raise ManifestMismatch(f"manifest.json lists {rel}/{f['name']} twice")
             listed.add(arc)

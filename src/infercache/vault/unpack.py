@@ -49,6 +49,7 @@ from infercache.vault.extract import (
 )
 from infercache.vault.image import VerifyingReader, config_labels, load_image
 from infercache.vault.reference import ImageReference, RegistryOptions
+from infercache.vault.staged_check import check_file, safe_rel
 from infercache.vault.transport import open_source
 
 logger = logging.getLogger(__name__)
@@ -111,14 +112,6 @@ def default_dest(component: str) -> Path:
     return paths.vllm_cache_root() if component == "vllm" else paths.triton_cache_dir()
 
 
-def _safe_rel(value: Any, what: str) -> str:
-    text = str(value or "")
-    parts = [p for p in text.split("/") if p not in ("", ".")]
-    if not parts or text.startswith("/") or ".." in parts or "\x00" in text:
-        raise UnsafeImageError(f"manifest.json names an unsafe {what} {text!r}")
-    return "/".join(parts)
-
-
 def _load_manifest_json(staging: Path, component: str) -> dict[str, Any]:
     path = staging / L.MANIFEST_DIRS[component] / L.MANIFEST_NAME
     if not path.is_file() or path.is_symlink():
@@ -147,11 +140,11 @@ def verify_entries(
     by_dir: dict[str, dict[str, Any]] = {}
     for record in records:
         if component == "triton":
-            rel = _safe_rel(record.get("key"), "entry key")
+            rel = safe_rel(record.get("key"), "entry key", UnsafeImageError)
             if "/" in rel:
                 raise UnsafeImageError(f"manifest.json entry key {rel!r} is not a single directory name")
         else:
-            rel = _safe_rel(record.get("path") or record.get("key"), "entry path")
+            rel = safe_rel(record.get("path") or record.get("key"), "entry path", UnsafeImageError)
         if rel in by_dir:
             raise UnsafeImageError(f"manifest.json lists entry {rel} twice")
         entry_dir = top / rel
@@ -179,12 +172,7 @@ def verify_entries(
             info = extracted.get(f"{top_name}/{rel}/{name}")
             if info is None:
                 raise UnsafeImageError(f"entry {rel}/{name} is not a regular file")
-            if f.get("size") is not None and int(f["size"]) != info.size:
-                raise UnsafeImageError(
-                    f"manifest.json says {rel}/{name} has {f['size']} bytes, the layer holds {info.size}"
-                )
-            if f.get("sha256") and info.sha256 != f["sha256"]:
-                raise UnsafeImageError(f"manifest.json sha256 of {rel}/{name} does not match the layer")
+            check_file(f"{rel}/{name}", f, info, UnsafeImageError)
         by_dir[rel] = record
     if component == "triton" and top.is_dir():
         unlisted = sorted(p for p in os.listdir(top) if p not in by_dir)
