@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, Iterator
 
 from infercache.errors import BadInputError, InfercacheError
 from infercache.kernels.discovery import (
+    ARTIFACT_PREFIX,
     check_mode,
     detect_mode,
     discover,
@@ -204,7 +205,7 @@ def plan_pack(cache_dir: str | os.PathLike[str], mode: str = "auto") -> PackPlan
         inductor_dirs: list[str] = []
         for dirpath, dirnames, filenames in os.walk(root):
             here = Path(dirpath)
-            if here != root and (here.name == "inductor_cache" or here.name.startswith("artifact_compile_range_")):
+            if here != root and (here.name == "inductor_cache" or here.name.startswith(ARTIFACT_PREFIX)):
                 found_files, found_records = vault_inductor.plan_files(
                     here, L.CACHE_DIRS["inductor"], here.relative_to(root).as_posix(), vault_inductor.vllm_fields)
                 files.extend(PackFile(arc, path, size, mtime) for arc, path, size, mtime in found_files)
