@@ -8,10 +8,11 @@ between tiers never re-encodes it.
 
 from __future__ import annotations
 
+import heapq
 import struct
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -225,6 +226,9 @@ class _Entry:
     expires: float = 0.0
     pins: int = 0
     extra: Any = None
+    seq: int = 0  # first insertion: ties in the policy order keep insertion order
+    item: Any = None  # this entry's live item in Tracker._heap (older ones are stale)
+    xitem: Any = None  # ... and in Tracker._xheap
 
 
 @dataclass
@@ -232,13 +236,19 @@ class Tracker:
     """In-process book of the chunks a tier holds: sizes, recency, counts, pins; victims by policy.
 
     The hot pool orders its own entries; this book lets the engine pick victims itself when it
-    must demote them (write_back) and gives disk and remote tiers eviction at all.
+    must demote them (write_back) and gives disk and remote tiers eviction at all. Victims come
+    from a heap on the policy's order key (stale items skipped, compacted when they pile up), so
+    picking the first few victims of a full tier costs O(k log n), not a sort of the whole book.
     """
 
     policy: str = "lru"
     entries: dict[str, _Entry] = field(default_factory=dict)
     total: int = 0
     tick: int = 0
+    _heap: list[tuple[Any, ...]] = field(default_factory=list, repr=False)
+    _xheap: list[tuple[float, int, str]] = field(default_factory=list, repr=False)
+    _seq: int = 0
+    _gen: int = 0  # bumped when the heaps are rebuilt
 
     def add(self, key: str, size: int, expires: float = 0.0, extra: Any = None, oldest: bool = False) -> None:
         """Record a chunk as just written; `oldest`: as older than every chunk written so far
@@ -248,8 +258,16 @@ class Tracker:
         old = self.entries.get(key)
         if old is not None:
             self.total -= old.size
-        self.entries[key] = _Entry(size, tick, tick, 0, expires, old.pins if old else 0, extra)
+            seq = old.seq
+        else:
+            self._seq += 1
+            seq = self._seq
+        e = self.entries[key] = _Entry(size, tick, tick, 0, expires, old.pins if old else 0, extra, seq)
         self.total += size
+        self._push(key, e)
+        if expires:
+            e.xitem = (expires, seq, key)
+            heapq.heappush(self._xheap, e.xitem)
 
     def touch(self, key: str) -> None:
         e = self.entries.get(key)
@@ -257,6 +275,8 @@ class Tracker:
             self.tick += 1
             e.atick = self.tick
             e.count += 1
+            if self.policy != "fifo":  # FIFO's order ignores access
+                self._push(key, e)
 
     def remove(self, key: str) -> _Entry | None:
         e = self.entries.pop(key, None)
@@ -264,19 +284,83 @@ class Tracker:
             self.total -= e.size
         return e
 
-    def victims(self) -> list[str]:
-        """Unpinned keys, first to evict first (expired first for every policy)."""
-        now = time.time()
+    def _order(self, e: _Entry) -> tuple[float, float, int]:
+        """The policy's order key for an unexpired entry (insertion order breaks ties)."""
+        if self.policy == "fifo":
+            return (e.itick, 0, e.seq)
+        if self.policy in ("lfu", "s3fifo"):
+            return (min(e.count, 3) if self.policy == "s3fifo" else e.count, e.atick, e.seq)
+        if self.policy == "ttl":
+            return (e.expires or float("inf"), e.atick, e.seq)
+        return (e.atick, 0, e.seq)
 
-        def order(item: tuple[str, _Entry]) -> tuple[float, ...]:
-            e = item[1]
-            expired = 0 if e.expires and e.expires <= now else 1
-            if self.policy == "fifo":
-                return (expired, e.itick)
-            if self.policy in ("lfu", "s3fifo"):
-                return (expired, min(e.count, 3) if self.policy == "s3fifo" else e.count, e.atick)
-            if self.policy == "ttl":
-                return (expired, e.expires or float("inf"), e.atick)
-            return (expired, e.atick)
+    def _push(self, key: str, e: _Entry) -> None:
+        e.item = (*self._order(e), key)
+        heapq.heappush(self._heap, e.item)
+        if len(self._heap) > 2 * len(self.entries) + 64 or len(self._xheap) > 2 * len(self.entries) + 64:
+            self._heap = [x.item for x in self.entries.values() if x.item is not None]
+            self._xheap = [x.xitem for x in self.entries.values() if x.xitem is not None]
+            heapq.heapify(self._heap)
+            heapq.heapify(self._xheap)
+            self._gen += 1
 
-        return [k for k, e in sorted(self.entries.items(), key=order) if not e.pins]
+    def _live(self, key: str, item: Any, attr: str) -> _Entry | None:
+        e = self.entries.get(key)
+        return e if e is not None and getattr(e, attr) is item else None
+
+    def victims(self) -> Iterator[str]:
+        """Unpinned keys, first to evict first (expired first for every policy), lazily: stop
+        early and only the victims taken were paid for."""
+        now, gen = time.time(), self._gen
+        taken: list[tuple[Any, ...]] = []
+        xtaken: list[tuple[float, int, str]] = []
+        seen: set[str] = set()
+        try:
+            expired = []
+            while self._xheap and self._xheap[0][0] <= now:
+                xitem = heapq.heappop(self._xheap)
+                e = self._live(xitem[2], xitem, "xitem")
+                if e is not None:
+                    xtaken.append(xitem)
+                    expired.append((self._order(e), xitem[2]))
+            for _, key in sorted(expired):
+                seen.add(key)
+                e = self.entries.get(key)
+                if e is not None and not e.pins:
+                    yield key
+            while self._heap:
+                item = heapq.heappop(self._heap)
+                key = item[-1]
+                e = self._live(key, item, "item")
+                if e is None:
+                    continue  # stale: removed or reordered since
+                taken.append(item)
+                if key in seen or e.pins:
+                    continue
+                seen.add(key)
+                yield key
+        finally:  # put back what is still live (a rebuild meanwhile already holds it)
+            if self._gen == gen:
+                for item in taken:
+                    if self._live(item[-1], item, "item") is not None:
+                        heapq.heappush(self._heap, item)
+                for xitem in xtaken:
+                    if self._live(xitem[2], xitem, "xitem") is not None:
+                        heapq.heappush(self._xheap, xitem)
+
+    def pick(self, excess: int, skip: Container[str] = ()) -> list[str]:
+        """Victims in policy order, except `skip`, until their sizes add up to `excess` bytes."""
+        out: list[str] = []
+        if excess <= 0:
+            return out
+        it = self.victims()
+        try:
+            for key in it:
+                if key not in skip:
+                    out.append(key)
+                    excess -= self.entries[key].size
+                    if excess <= 0:
+                        break
+        finally:
+            it.close()
+        return out

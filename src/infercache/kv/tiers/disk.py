@@ -337,12 +337,8 @@ class DiskTier(Tier):
     def _make_room(self, size: int, incoming: str) -> None:
         """Evict by policy (write_back: demote through evict_hook) until `size` more bytes fit."""
         with self._lock:
-            if self.book.total + size <= self.capacity:
-                return
-            victims = [k for k in self.book.victims() if k != incoming]
+            victims = self.book.pick(self.book.total + size - self.capacity, (incoming,))
         for victim in victims:
-            if self.book.total + size <= self.capacity:
-                return
             if self.evict_hook is not None:
                 self.read(victim, lambda head, payload, v=victim: self.evict_hook(v, head, payload))  # type: ignore[misc]
             self.delete(victim)

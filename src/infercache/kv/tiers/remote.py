@@ -433,15 +433,8 @@ class RemoteTier(Tier):
         if self.capacity is None:
             return
         with self._lock:
-            if self.book.total + size <= self.capacity:
-                return
-            victims = []
-            total = self.book.total
-            for key in self.book.victims():
-                if total + size <= self.capacity:
-                    break
-                if key not in incoming:
-                    victims.append(key)
-                    total -= self.book.entries[key].size
+            victims = self.book.pick(self.book.total + size - self.capacity, incoming)
+        if not victims:
+            return
         self.delete_many(victims)
         self.counters.evictions += len(victims)
