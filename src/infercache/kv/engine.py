@@ -98,16 +98,16 @@ class Engine:
             raise
         self._order = list(self._tiers.values())
         self._expiry: list[tuple[float, int, str, str, float]] = []  # (when, seq, key, tier, ttl)
-        self._ttl: dict[tuple[str, str], int] = {}  # (key, tier) -> seq of its live heap entry
+        self._ttl: dict[tuple[str, str], tuple[int, float, float]] = {}  # (key, tier) -> (live heap seq, expires, ttl)
         self._seq = itertools.count()
         self._pins: dict[tuple[str, str], float] = {}  # (key, tier) -> unpin deadline
         self._access = AccessLog(_ACCESS_CAP)  # per request (its last chunk's key)
         self._geometry: tuple[int, int, int, int] | None = None  # (dtype, kind, layers, hidden)
-        for name, tier in self._tiers.items():
-            for key, expires in tier.expiries():
-                self._schedule(key, name, expires, 0.0)
-        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-prefetch")
         self._wake = threading.Event()
+        for name, tier in self._tiers.items():
+            for key, expires in tier.expiries():  # found at restart: what is left of the TTL carries down
+                self._schedule(key, name, expires, max(1.0, expires - time.time()))
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-prefetch")
         self._sweeper = threading.Thread(target=self._sweep_loop, name="kv-sweeper", daemon=True)
         self._sweeper.start()
 
@@ -193,10 +193,10 @@ class Engine:
 
     def _schedule(self, key: str, tier: str, expires: float, ttl: float) -> None:
         seq = next(self._seq)
-        self._ttl[(key, tier)] = seq
+        self._ttl[(key, tier)] = (seq, expires, ttl)
         heapq.heappush(self._expiry, (expires - _demotion_lead(ttl), seq, key, tier, ttl))
         if len(self._expiry) > 4 * len(self._ttl) + 1024:  # re-stored chunks leave stale entries: compact
-            self._expiry = [e for e in self._expiry if self._ttl.get((e[2], e[3])) == e[1]]
+            self._expiry = [e for e in self._expiry if self._ttl.get((e[2], e[3]), (-1,))[0] == e[1]]
             heapq.heapify(self._expiry)
         self._wake.set()
 
@@ -412,15 +412,19 @@ class Engine:
     def _move(self, chunks: list[Chunk], source: Tier, target: Tier, copy: bool) -> int:
         done = 0
         for chunk in chunks:
+            _, expires, ttl = self._ttl.get((chunk.key, source.name), (0, 0.0, 0.0)) if not copy else (0, 0.0, 0.0)
+            left = max(1.0, expires - time.time()) if expires else None  # a moved chunk keeps what is left of its TTL
             if not target.contains(chunk.key):
                 if source is target or not source.contains(chunk.key):
                     break
-                ok, stored = source.read(chunk.key, lambda head, buf, k=chunk.key: target.put(k, head, buf))
+                ok, stored = source.read(chunk.key, lambda head, buf, k=chunk.key, d=left: target.put(k, head, buf, d))
                 if not ok or not stored:
                     break
             if not copy and source is not target:
                 source.delete(chunk.key)
                 self._ttl.pop((chunk.key, source.name), None)
+                if left and target.name != "remote":  # Redis expires its own keys
+                    self._schedule(chunk.key, target.name, time.time() + left, ttl)
             done = chunk.end
         return done
 
@@ -532,7 +536,7 @@ class Engine:
                         tier.unpin(key_tier[0])
             while self._expiry and self._expiry[0][0] <= now:
                 _, seq, key, name, ttl = heapq.heappop(self._expiry)
-                if self._ttl.get((key, name)) != seq:  # cancelled or rescheduled since
+                if self._ttl.get((key, name), (-1,))[0] != seq:  # cancelled or rescheduled since
                     continue
                 del self._ttl[(key, name)]
                 tier = self._tiers[name]
