@@ -34,6 +34,20 @@ def require_module(name: str) -> Any:
     return pytest.importorskip(name)
 
 
+def destroy_pool_if_present(name: str, data_dir: Path | str | None = None) -> None:
+    """Test teardown: destroy a KV pool the test may already have destroyed (or never created).
+
+    Only "unknown pool" is ignored; any other failure is a leak (a pool left in /dev/shm) and fails."""
+    from infercache.errors import BadInputError
+    from infercache.kv.pool import Pool
+
+    try:
+        Pool.destroy(name, data_dir=data_dir)
+    except BadInputError as exc:
+        if not str(exc).startswith("unknown pool"):
+            raise
+
+
 def copy_triton_cache(src: Path, dest: Path) -> Path:
     """Copy a Triton cache and rewrite group files to the new location, as Triton needs."""
     shutil.copytree(src, dest, symlinks=True)

@@ -8,6 +8,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from tests.helpers import destroy_pool_if_present
+
 
 @pytest.fixture()
 def make_pool(data_dir: Path) -> Iterator[Callable[..., Any]]:
@@ -25,7 +27,4 @@ def make_pool(data_dir: Path) -> Iterator[Callable[..., Any]]:
     yield make
     for pool in made:
         pool.close()
-        try:
-            Pool.destroy(pool.name, data_dir=data_dir)
-        except Exception:  # the test destroyed it already
-            pass
+        destroy_pool_if_present(pool.name, data_dir)

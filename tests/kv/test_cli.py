@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import destroy_pool_if_present, run_cli
 from tests.kv.kvworker import length_for, make_value
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,13 +33,8 @@ def names(data_dir: Path, monkeypatch: pytest.MonkeyPatch):
         return made[-1]
 
     yield new
-    from infercache.kv import Pool
-
     for name in made:
-        try:
-            Pool.destroy(name, data_dir=data_dir)
-        except Exception:  # deleted by the test, or never created
-            pass
+        destroy_pool_if_present(name, data_dir)
 
 
 def _py(code: str) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import destroy_pool_if_present, run_cli
 from tests.kv.kvworker import length_for, make_value, verify_value
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,12 +52,7 @@ def pool_name(data_dir: Path):
     """A unique pool name (pools under /dev/shm are host-wide); destroyed afterwards."""
     name = f"t-mp-{uuid.uuid4().hex[:10]}"
     yield name
-    from infercache.kv import Pool
-
-    try:
-        Pool.destroy(name, data_dir=data_dir)
-    except Exception:  # already deleted by the test, or never created
-        pass
+    destroy_pool_if_present(name, data_dir)
 
 
 def _cli_create(name: str, size: str = "64M", *extra: str) -> None:

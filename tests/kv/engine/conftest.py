@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.helpers import require_tool
+from tests.helpers import destroy_pool_if_present, require_tool
 
 
 def free_port(cluster: bool = False) -> int:
@@ -162,7 +162,7 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
 def make_engine(data_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """make_engine(**config) -> Engine with a unique pool (unless pool_name is given); closed and its
     pools destroyed afterwards. `disk=True` gives it tmp_path/disk."""
-    from infercache.kv import Engine, Pool
+    from infercache.kv import Engine
 
     made: list[Any] = []
     pools: set[str] = set()
@@ -183,10 +183,7 @@ def make_engine(data_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     for engine in made:
         engine.close()
     for name in pools:
-        try:
-            Pool.destroy(name, data_dir=data_dir)
-        except Exception:  # noqa: BLE001 - destroyed by the test
-            pass
+        destroy_pool_if_present(name, data_dir)
 
 
 def kv_for(n_tokens: int, layers: int = 2, hidden: int = 8, dtype: str = "float16", seed: int = 0) -> Any:

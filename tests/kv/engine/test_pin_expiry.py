@@ -13,7 +13,7 @@ import time
 import uuid
 
 from infercache.kv import Pool
-from tests.helpers import run_cli
+from tests.helpers import destroy_pool_if_present, run_cli
 
 SHORT_S = 2.0
 
@@ -75,10 +75,7 @@ def test_pins_of_a_sigkilled_engine_lapse_after_its_timeout(data_dir) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=60)
-        try:
-            Pool.destroy(name)
-        except Exception:  # noqa: BLE001 - never created
-            pass
+        destroy_pool_if_present(name)
 
 
 def test_engine_pins_carry_pin_timeout_s_and_a_second_pin_renews(make_engine) -> None:

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from tests.helpers import destroy_pool_if_present
+
 TOKEN = "test-token-1f2e"  # the server under test requires it (except /health)
 CHUNK = 16
 
@@ -120,12 +122,7 @@ def start_server(root: Path, token: str | None = TOKEN, extra_args: tuple[str, .
 
 
 def destroy_pool(name: str, data_dir: Path) -> None:
-    from infercache.kv.pool import Pool
-
-    try:
-        Pool.destroy(name, data_dir=data_dir)
-    except Exception:  # already gone
-        pass
+    destroy_pool_if_present(name, data_dir)
 
 
 @pytest.fixture(scope="module")
